@@ -1,0 +1,1 @@
+"""The processor: pure decisions (domain.py) and the Faust app that runs them (app.py)."""

@@ -1,0 +1,1 @@
+"""Publishing commands: the publisher library and the load generator."""

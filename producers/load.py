@@ -1,0 +1,81 @@
+"""Load generator: PlaceOrder commands at a target rate, optionally skewed onto hot SKUs."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from producers.commands import place_order
+from producers.publisher import Publisher, PublishError, Receipt
+from schemas.records import Command
+
+
+@dataclass(frozen=True)
+class LoadProfile:
+    orders: int  # how many PlaceOrder commands to send
+    rate: float = 0.0  # commands per second; 0 = as fast as the producer takes them
+    skus: int = 100
+    hot_skus: int = 0  # the first N SKUs get hot_share of the orders
+    hot_share: float = 0.8
+    max_qty: int = 3
+    sku_prefix: str = "SKU-"
+    seed: int | None = None
+
+    def sku_names(self) -> list[str]:
+        return [f"{self.sku_prefix}{i:05d}" for i in range(self.skus)]
+
+
+@dataclass
+class LoadReport:
+    sent: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.acknowledged / self.elapsed_s if self.elapsed_s else 0.0
+
+
+def run_load(
+    publisher: Publisher,
+    profile: LoadProfile,
+    on_progress: Callable[[int], None] | None = None,
+) -> LoadReport:
+    """Send ``profile.orders`` orders, pacing to ``profile.rate``; wait for every ack."""
+    rng = random.Random(profile.seed)
+    skus = profile.sku_names()
+    hot = skus[: profile.hot_skus] if profile.hot_skus else []
+    report = LoadReport()
+
+    def delivered(_command: Command, receipt: Receipt | None, error: PublishError | None) -> None:
+        if receipt is not None:
+            report.acknowledged += 1
+        else:
+            report.failed += 1
+            if len(report.errors) < 10:
+                report.errors.append(str(error))
+
+    started = time.monotonic()
+    for i in range(profile.orders):
+        if profile.rate > 0:
+            # Pace against the schedule, not the previous send, so the rate holds on average.
+            delay = started + i / profile.rate - time.monotonic()
+            if delay > 0:
+                publisher.poll(delay)
+        if hot and rng.random() < profile.hot_share:
+            sku = rng.choice(hot)
+        else:
+            sku = rng.choice(skus)
+        publisher.send(place_order(sku, rng.randint(1, profile.max_qty)), delivered)
+        report.sent += 1
+        if on_progress is not None and i % 500 == 0:
+            on_progress(report.sent)
+    publisher.flush(60)
+    report.elapsed_s = time.monotonic() - started
+    if on_progress is not None:
+        on_progress(report.sent)
+    return report

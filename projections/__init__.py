@@ -1,0 +1,1 @@
+"""Read models in Redis, folded from the event log: views (pure), store, worker, queries."""

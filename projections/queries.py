@@ -1,0 +1,75 @@
+"""Reading the read models: what `stockflow query` and the HTTP API answer with."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from projections.store import (
+    SKUS_KEY,
+    STOCK_COUNTERS,
+    TOP_KEY,
+    WATERMARKS_KEY,
+    order_key,
+    recent_key,
+    stock_key,
+)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ReadModels:
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+
+    def stock(self, sku: str) -> dict[str, Any] | None:
+        """Stock of one SKU, or None if no event about it has been projected yet."""
+        raw: dict[bytes, bytes] = self._redis.hgetall(stock_key(sku))  # type: ignore[assignment]
+        if not raw:
+            return None
+        row: dict[str, Any] = {"sku": sku}
+        row.update({_text(k): int(v) for k, v in raw.items()})
+        for counter in STOCK_COUNTERS:
+            row.setdefault(counter, 0)
+        recent: list[bytes] = self._redis.lrange(recent_key(sku), 0, -1)  # type: ignore[assignment]
+        row["recent_orders"] = [_text(order_id) for order_id in recent]
+        return row
+
+    def order(self, order_id: str) -> dict[str, dict[str, Any]]:
+        """Status of each line (one per SKU) of an order; empty if unknown."""
+        raw: dict[bytes, bytes] = self._redis.hgetall(order_key(order_id))  # type: ignore[assignment]
+        return {_text(sku): json.loads(doc) for sku, doc in raw.items()}
+
+    def top(self, n: int = 10) -> list[tuple[str, int]]:
+        rows = self._redis.zrevrange(TOP_KEY, 0, n - 1, withscores=True)
+        return [(_text(sku), int(score)) for sku, score in rows]  # type: ignore[union-attr]
+
+    def skus(self) -> list[str]:
+        members: set[bytes] = self._redis.smembers(SKUS_KEY)  # type: ignore[assignment]
+        return sorted(_text(sku) for sku in members)
+
+    def totals(self, skus: list[str] | None = None) -> dict[str, int]:
+        """Counters summed over the given SKUs (default: all), and the lowest stock among them."""
+        skus = self.skus() if skus is None else skus
+        pipe = self._redis.pipeline(transaction=False)
+        for sku in skus:
+            pipe.hmget(stock_key(sku), ["available", *STOCK_COUNTERS])
+        totals = dict.fromkeys(["skus", "available", "min_available", *STOCK_COUNTERS], 0)
+        totals["skus"] = len(skus)
+        minimum: int | None = None
+        for values in pipe.execute():
+            available, *counters = (int(v or 0) for v in values)
+            totals["available"] += available
+            minimum = available if minimum is None else min(minimum, available)
+            for name, value in zip(STOCK_COUNTERS, counters, strict=True):
+                totals[name] += value
+        totals["min_available"] = minimum or 0
+        return totals
+
+    def watermarks(self) -> dict[int, int]:
+        raw: dict[bytes, bytes] = self._redis.hgetall(WATERMARKS_KEY)  # type: ignore[assignment]
+        return {int(partition): int(offset) for partition, offset in raw.items()}

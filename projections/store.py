@@ -1,0 +1,139 @@
+"""Redis read models, written idempotently and without multi-key operations across slots.
+
+Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
+  sf:stock:{SKU}      hash  available, version, updated_at, units_sold, one counter per event kind
+  sf:recent:{SKU}     list  newest processed order ids first, trimmed
+  sf:order:{ORDER}    hash  field per SKU -> JSON status of that order line
+  sf:top              zset  SKU -> units sold (absolute, so re-writing it is harmless)
+  sf:skus             set   every SKU seen
+  sf:watermarks       hash  events-topic partition -> last offset applied
+
+Every write is guarded by the SKU's event version (or the partition offset), checked inside a
+Lua script on a single key slot, so replaying any part of the log leaves the models unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from projections.views import KIND, WritePlan
+
+PREFIX = "sf"
+STOCK_COUNTERS = ("units_sold", *KIND.values())
+
+# KEYS: stock hash, recent list. ARGV: recent max, then 6 per event:
+# version, kind, order_id, qty, available_after, occurred_at.
+_APPLY_SKU = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local recent_max = tonumber(ARGV[1])
+local applied = 0
+for i = 2, #ARGV, 6 do
+  local version = tonumber(ARGV[i])
+  if version > current then
+    local kind = ARGV[i + 1]
+    local qty = tonumber(ARGV[i + 3])
+    redis.call('HSET', KEYS[1], 'available', ARGV[i + 4], 'version', version,
+               'updated_at', ARGV[i + 5])
+    redis.call('HINCRBY', KEYS[1], kind, 1)
+    if kind == 'processed' then
+      redis.call('HINCRBY', KEYS[1], 'units_sold', qty)
+      redis.call('LPUSH', KEYS[2], ARGV[i + 2])
+      redis.call('LTRIM', KEYS[2], 0, recent_max - 1)
+    elseif kind == 'cancelled' then
+      redis.call('HINCRBY', KEYS[1], 'units_sold', -qty)
+    end
+    current = version
+    applied = applied + 1
+  end
+end
+return {applied, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0')}
+"""
+
+# KEYS: order hash. ARGV: sku, version, status JSON, "1" if the event is a rejection.
+_APPLY_ORDER_LINE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  if ARGV[4] == '1' then return 0 end
+  if cjson.decode(current)['version'] >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: watermarks hash. ARGV: partition, offset pairs. Offsets only move forward.
+_ADVANCE_WATERMARKS = """
+for i = 1, #ARGV, 2 do
+  local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+  if tonumber(ARGV[i + 1]) > current then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+
+
+def stock_key(sku: str) -> str:
+    return f"{PREFIX}:stock:{{{sku}}}"
+
+
+def recent_key(sku: str) -> str:
+    return f"{PREFIX}:recent:{{{sku}}}"
+
+
+def order_key(order_id: str) -> str:
+    return f"{PREFIX}:order:{{{order_id}}}"
+
+
+TOP_KEY = f"{PREFIX}:top"
+SKUS_KEY = f"{PREFIX}:skus"
+WATERMARKS_KEY = f"{PREFIX}:watermarks"
+
+
+class ReadModelStore:
+    def __init__(self, client: redis.Redis, recent_orders_per_sku: int = 20) -> None:
+        self._redis = client
+        self._recent_max = recent_orders_per_sku
+        self._apply_sku = client.register_script(_APPLY_SKU)
+        self._apply_order_line = client.register_script(_APPLY_ORDER_LINE)
+        self._advance_watermarks = client.register_script(_ADVANCE_WATERMARKS)
+
+    def apply(self, plan: WritePlan) -> int:
+        """Write a plan; the partition watermarks go last, after every effect they cover.
+
+        Returns how many events changed a SKU (repeats and replays change nothing).
+        """
+        skus = list(plan.sku_changes)
+        pipe = self._redis.pipeline(transaction=False)
+        for sku in skus:
+            args: list[Any] = [self._recent_max]
+            for change in plan.sku_changes[sku]:
+                args += [
+                    change.version,
+                    change.kind,
+                    change.order_id,
+                    change.qty,
+                    change.available_after,
+                    change.occurred_at,
+                ]
+            self._apply_sku(keys=[stock_key(sku), recent_key(sku)], args=args, client=pipe)
+        for (order_id, sku), line in plan.order_lines.items():
+            self._apply_order_line(
+                keys=[order_key(order_id)],
+                args=[sku, line.version, line.document, "1" if line.rejected else "0"],
+                client=pipe,
+            )
+        if skus:
+            pipe.sadd(SKUS_KEY, *skus)
+        results = pipe.execute()
+        applied = 0
+        pipe = self._redis.pipeline(transaction=False)
+        for sku, (count, units_sold) in zip(skus, results, strict=False):
+            applied += int(count)
+            pipe.zadd(TOP_KEY, {sku: int(units_sold)})
+        if plan.watermarks:
+            args = [x for partition, offset in plan.watermarks.items() for x in (partition, offset)]
+            self._advance_watermarks(keys=[WATERMARKS_KEY], args=args, client=pipe)
+        pipe.execute()
+        return applied

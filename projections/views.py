@@ -1,0 +1,112 @@
+"""What a batch of events means for the read models; pure, no Redis.
+
+A batch of events becomes a ``WritePlan``: per SKU, the events to fold into its stock hash
+(the store applies only versions newer than what it has); per order line, the newest status;
+per partition, the last offset covered (the watermark). The store turns the plan into
+idempotent Redis writes, so applying a batch twice, or a decision the processor repeated after
+a crash, changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from schemas.records import (
+    Event,
+    OrderCancelled,
+    OrderProcessed,
+    OrderRejected,
+    RestockRejected,
+    StockReplenished,
+)
+
+# One short name per event type, used in Redis and in the totals.
+KIND: dict[type[Event], str] = {
+    OrderProcessed: "processed",
+    OrderRejected: "rejected",
+    OrderCancelled: "cancelled",
+    StockReplenished: "replenished",
+    RestockRejected: "restock_rejected",
+}
+ORDER_STATUS: dict[type[Event], str] = {
+    OrderProcessed: "processed",
+    OrderRejected: "rejected",
+    OrderCancelled: "cancelled",
+}
+
+
+@dataclass(frozen=True)
+class SkuChange:
+    """One event as the SKU's stock hash needs it."""
+
+    version: int
+    kind: str
+    order_id: str
+    qty: int
+    available_after: int
+    occurred_at: int
+
+
+@dataclass(frozen=True)
+class OrderLineStatus:
+    sku: str
+    version: int
+    rejected: bool
+    document: str  # JSON: status, qty, reason, version, updated_at
+
+
+@dataclass
+class WritePlan:
+    sku_changes: dict[str, list[SkuChange]] = field(default_factory=dict)
+    order_lines: dict[tuple[str, str], OrderLineStatus] = field(default_factory=dict)
+    watermarks: dict[int, int] = field(default_factory=dict)
+
+
+def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
+    """Fold ``(partition, offset, event)`` triples into a plan; ``None`` is a dead letter.
+
+    Dead letters still advance the partition's watermark: they have been dealt with.
+    """
+    plan = WritePlan()
+    for partition, offset, event in batch:
+        plan.watermarks[partition] = offset
+        if event is None:
+            continue
+        kind = KIND[type(event)]
+        order_id = getattr(event, "order_id", "")
+        plan.sku_changes.setdefault(event.sku, []).append(
+            SkuChange(
+                event.version,
+                kind,
+                order_id,
+                event.qty,
+                event.available_after,
+                event.occurred_at,
+            )
+        )
+        if order_id and _supersedes(event, plan.order_lines.get((order_id, event.sku))):
+            status = {
+                "status": ORDER_STATUS[type(event)],
+                "qty": event.qty,
+                "reason": getattr(event, "reason", ""),
+                "version": event.version,
+                "updated_at": event.occurred_at,
+            }
+            plan.order_lines[(order_id, event.sku)] = OrderLineStatus(
+                event.sku,
+                event.version,
+                isinstance(event, OrderRejected),
+                json.dumps(status, separators=(",", ":"))
+            )
+    return plan
+
+
+def _supersedes(event: Event, newest: OrderLineStatus | None) -> bool:
+    if newest is None:
+        return True
+    # A refused command leaves an existing order as it was ("already cancelled" must not turn a
+    # cancelled order into a rejected one), and a decision the processor repeated after a crash
+    # can follow a newer one in the log: only a newer version of a change wins.
+    return not isinstance(event, OrderRejected) and newest.version < event.version

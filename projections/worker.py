@@ -1,0 +1,113 @@
+"""The projection worker: events topic -> Redis read models, in batches.
+
+decode -> plan (pure) -> idempotent Redis writes -> commit offsets. Where to resume is the
+Redis watermark of each partition, not the Kafka committed offset: the read model says what
+it already holds, so a worker killed between writing Redis and committing to Kafka neither
+skips nor doubles anything, and a Redis that lost its data is rebuilt from the start of the log.
+Committed offsets still move, so operators can see the group's lag with Kafka's tools.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+
+from projections.queries import ReadModels
+from projections.store import ReadModelStore
+from projections.views import plan_writes
+from schemas.codec import codec
+from schemas.records import Event
+from stockflow.errors import DecodeError
+from stockflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ProjectionWorker:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        client = redis.Redis.from_url(settings.redis_url)
+        self._store = ReadModelStore(client, settings.recent_orders_per_sku)
+        self._models = ReadModels(client)
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": settings.projection_group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+            }
+        )
+        self._dead_letters = Producer(
+            {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True}
+        )
+        self.events_applied = 0
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        self._consumer.subscribe([self._settings.events_topic], on_assign=self._on_assign)
+        try:
+            while not should_stop():
+                self.poll_once(timeout_s=0.5)
+        finally:
+            self._consumer.close()  # leave the group now, so the others take over at once
+            self._dead_letters.flush(10)
+
+    def poll_once(self, timeout_s: float) -> int:
+        messages = self._consumer.consume(self._settings.projection_batch_size, timeout_s)
+        batch: list[tuple[int, int, Event | None]] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise RuntimeError(f"Kafka consumer failed: {error}")
+                log.warning("consumer error: %s", error)
+                continue
+            batch.append((message.partition(), message.offset(), self._decode(message)))  # type: ignore[arg-type]
+        if not batch:
+            return 0
+        if any(event is None for _, _, event in batch):
+            self._dead_letters.flush(30)  # parked for good before the watermark moves past it
+        applied = self._store.apply(plan_writes(batch))
+        self.events_applied += applied
+        plan_offsets = {partition: offset for partition, offset, _ in batch}
+        self._consumer.commit(
+            offsets=[
+                TopicPartition(self._settings.events_topic, partition, offset + 1)
+                for partition, offset in plan_offsets.items()
+            ],
+            asynchronous=True,
+        )
+        return len(batch)
+
+    def _decode(self, message: Message) -> Event | None:
+        value = message.value() or b""
+        try:
+            return codec.decode_event(value)  # type: ignore[arg-type]
+        except DecodeError as exc:
+            # Garbage in the event log must not stop the read models: park it and go on.
+            log.error("dead letter at %s[%s]@%s: %s", message.topic(), message.partition(), message.offset(), exc)
+            self._dead_letters.produce(
+                self._settings.events_dlq_topic,
+                key=message.key(),
+                value=value,
+                headers=[
+                    ("error.reason", str(exc).encode()),
+                    ("error.type", type(exc).__name__.encode()),
+                    ("source.topic", str(message.topic()).encode()),
+                    ("source.partition", str(message.partition()).encode()),
+                    ("source.offset", str(message.offset()).encode()),
+                ],
+            )
+            self._dead_letters.poll(0)
+            return None
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        watermarks = self._models.watermarks()
+        for tp in partitions:
+            applied = watermarks.get(tp.partition)
+            tp.offset = OFFSET_BEGINNING if applied is None else applied + 1
+        consumer.assign(partitions)
+        log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))

@@ -1,0 +1,111 @@
+"""Avro codec with single-object framing: each message names the schema it was written with.
+
+Frame = ``C3 01`` + 8-byte CRC-64-AVRO fingerprint of the writer schema (little endian) + the
+Avro binary body (the Avro specification's "single object encoding"). A reader keeps every
+historical schema version by fingerprint, so old messages stay readable after the schemas
+evolve, and resolves them to the newest version of the same record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from schemas.records import COMMAND_TYPES, EVENT_TYPES, Command, Event, Record
+from stockflow.errors import DecodeError
+
+SCHEMA_DIR = Path(__file__).parent / "avro"
+MAGIC = b"\xc3\x01"
+HEADER_SIZE = len(MAGIC) + 8
+_FILE_NAME = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
+
+RECORD_CLASSES: Mapping[str, type[Record]] = {
+    cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Writer:
+    name: str
+    version: int
+    schema: Any  # a fastavro parsed schema
+
+
+class AvroCodec:
+    """Encodes records with their newest schema; decodes any known version of any record."""
+
+    def __init__(self, schema_dir: Path = SCHEMA_DIR) -> None:
+        self._writers: dict[bytes, _Writer] = {}
+        self._newest: dict[str, tuple[bytes, _Writer]] = {}
+        for path in sorted(schema_dir.glob("*.avsc")):
+            match = _FILE_NAME.match(path.name)
+            if match is None:
+                raise ValueError(f"{path.name}: schema files are named <Record>.v<N>.avsc")
+            name, version = match["name"], int(match["version"])
+            if name not in RECORD_CLASSES:
+                raise ValueError(f"{path.name}: no record class named {name} in schemas.records")
+            raw = json.loads(path.read_text())
+            parsed = fastavro.parse_schema(raw)
+            canonical = to_parsing_canonical_form(raw)
+            fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
+            writer = _Writer(name, version, parsed)
+            self._writers[fp] = writer
+            if name not in self._newest or self._newest[name][1].version < version:
+                self._newest[name] = (fp, writer)
+        missing = set(RECORD_CLASSES) - set(self._newest)
+        if missing:
+            raise ValueError(f"no schema file for {sorted(missing)} in {schema_dir}")
+
+    def encode(self, record: Record) -> bytes:
+        fp, writer = self._newest[type(record).__name__]
+        out = io.BytesIO()
+        out.write(MAGIC)
+        out.write(fp)
+        fastavro.schemaless_writer(out, writer.schema, dataclasses.asdict(record))
+        return out.getvalue()
+
+    def decode(self, data: bytes) -> Record:
+        if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+            raise DecodeError(
+                f"not an Avro single-object frame ({len(data)} bytes, starts {data[:4].hex()!r}):"
+                " publish with stockflow's publisher or encode with schemas.codec"
+            )
+        fp = data[2:HEADER_SIZE]
+        writer = self._writers.get(fp)
+        if writer is None:
+            raise DecodeError(
+                f"unknown schema fingerprint {fp.hex()}: the writer used a schema this reader"
+                " does not have; add its .avsc file under schemas/avro"
+            )
+        reader = self._newest[writer.name][1]
+        try:
+            fields = fastavro.schemaless_reader(
+                io.BytesIO(data[HEADER_SIZE:]), writer.schema, reader.schema
+            )
+        except Exception as exc:  # fastavro raises many types for a corrupt body
+            raise DecodeError(f"corrupt {writer.name} v{writer.version} body: {exc}") from exc
+        assert isinstance(fields, dict)
+        return RECORD_CLASSES[writer.name](**fields)
+
+    def decode_command(self, data: bytes) -> Command:
+        record = self.decode(data)
+        if not isinstance(record, COMMAND_TYPES):
+            raise DecodeError(f"expected a command, got a {type(record).__name__} event")
+        return record
+
+    def decode_event(self, data: bytes) -> Event:
+        record = self.decode(data)
+        if not isinstance(record, EVENT_TYPES):
+            raise DecodeError(f"expected an event, got a {type(record).__name__} command")
+        return record
+
+
+codec = AvroCodec()

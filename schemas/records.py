@@ -1,0 +1,159 @@
+"""Messages as frozen dataclasses, one per Avro schema under ``schemas/avro``.
+
+Commands are imperatives, events are past tense. Field names and order match the schemas;
+the codec maps between these classes and Avro records explicitly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from stockflow.errors import InvalidCommand
+
+MAX_SKU_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class PlaceOrder:
+    command_id: str
+    correlation_id: str
+    occurred_at: int
+    sku: str
+    order_id: str
+    qty: int
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True)
+class CancelOrder:
+    command_id: str
+    correlation_id: str
+    occurred_at: int
+    sku: str
+    order_id: str
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Restock:
+    command_id: str
+    correlation_id: str
+    occurred_at: int
+    sku: str
+    qty: int
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True)
+class OrderProcessed:
+    event_id: str
+    command_id: str
+    correlation_id: str
+    occurred_at: int
+    command_occurred_at: int
+    sku: str
+    version: int
+    order_id: str
+    qty: int
+    available_after: int
+
+
+@dataclass(frozen=True)
+class OrderRejected:
+    event_id: str
+    command_id: str
+    correlation_id: str
+    occurred_at: int
+    command_occurred_at: int
+    sku: str
+    version: int
+    order_id: str
+    qty: int
+    available_after: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class OrderCancelled:
+    event_id: str
+    command_id: str
+    correlation_id: str
+    occurred_at: int
+    command_occurred_at: int
+    sku: str
+    version: int
+    order_id: str
+    qty: int
+    available_after: int
+
+
+@dataclass(frozen=True)
+class StockReplenished:
+    event_id: str
+    command_id: str
+    correlation_id: str
+    occurred_at: int
+    command_occurred_at: int
+    sku: str
+    version: int
+    qty: int
+    available_after: int
+
+
+@dataclass(frozen=True)
+class RestockRejected:
+    event_id: str
+    command_id: str
+    correlation_id: str
+    occurred_at: int
+    command_occurred_at: int
+    sku: str
+    version: int
+    qty: int
+    available_after: int
+    reason: str
+
+
+Command = PlaceOrder | CancelOrder | Restock
+Event = OrderProcessed | OrderRejected | OrderCancelled | StockReplenished | RestockRejected
+Record = Command | Event
+
+COMMAND_TYPES: tuple[type[Command], ...] = (PlaceOrder, CancelOrder, Restock)
+EVENT_TYPES: tuple[type[Event], ...] = (
+    OrderProcessed,
+    OrderRejected,
+    OrderCancelled,
+    StockReplenished,
+    RestockRejected,
+)
+
+# Event ids are derived from the command id, so a decision replayed after a crash has the
+# same id as the first one and readers can tell a duplicate from a second decision.
+_EVENT_ID_NAMESPACE = uuid.UUID("6f1c7a52-3a57-4c1e-9a53-2f4f0d6c1b7e")
+
+
+def event_id_for(command_id: str, index: int = 0) -> str:
+    return str(uuid.uuid5(_EVENT_ID_NAMESPACE, f"{command_id}/{index}"))
+
+
+def validate_command(command: Command) -> None:
+    """Refuse a command that can never be decided; say which field is wrong and how to fix it."""
+    problems: list[str] = []
+    if not command.command_id.strip():
+        problems.append("command_id is empty: give every command a unique id (a UUID)")
+    if not command.sku.strip():
+        problems.append("sku is empty: name the stock-keeping unit the command is about")
+    elif len(command.sku) > MAX_SKU_LENGTH:
+        problems.append(f"sku is {len(command.sku)} characters long: at most {MAX_SKU_LENGTH}")
+    if isinstance(command, (PlaceOrder, Restock)) and command.qty <= 0:
+        problems.append(f"qty is {command.qty}: it must be a whole number of units, at least 1")
+    if isinstance(command, (PlaceOrder, CancelOrder)) and not command.order_id.strip():
+        problems.append("order_id is empty: name the order this command is about")
+    if command.expected_version is not None and command.expected_version < 0:
+        problems.append(
+            f"expected_version is {command.expected_version}: use a version >= 0, or leave it out"
+        )
+    if problems:
+        kind = type(command).__name__
+        raise InvalidCommand(f"invalid {kind} {command.command_id!r}: " + "; ".join(problems))

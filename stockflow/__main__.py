@@ -1,0 +1,3 @@
+from stockflow.cli import main
+
+main()

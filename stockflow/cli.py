@@ -1,0 +1,299 @@
+"""`stockflow`: the one command-line entry point. Settings come from STOCKFLOW_* variables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Annotated, Any
+
+import redis
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stockflow.errors import InvalidCommand, StockflowError
+from stockflow.settings import Settings
+
+app = typer.Typer(
+    help="stockflow: event-sourced order intake on Kafka, Faust and Redis.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+stack_app = typer.Typer(help="Run the local Kafka broker and Redis (no Docker needed).", no_args_is_help=True)
+worker_app = typer.Typer(help="Run a worker in the foreground.", no_args_is_help=True)
+publish_app = typer.Typer(help="Publish one command and print where it landed.", no_args_is_help=True)
+query_app = typer.Typer(help="Read the Redis read models.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(worker_app, name="worker")
+app.add_typer(publish_app, name="publish")
+app.add_typer(query_app, name="query")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except InvalidCommand as exc:
+        errors.print(f"[red]refused:[/red] {exc}\nNothing was sent.")
+        sys.exit(2)
+    except StockflowError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+# -- stack ---------------------------------------------------------------------------------
+@stack_app.command("up")
+def stack_up(
+    processors: Annotated[int, typer.Option(help="Processor workers to start in the background.")] = 0,
+    projections: Annotated[int, typer.Option(help="Projection workers to start in the background.")] = 0,
+) -> None:
+    """Start Kafka and Redis (and optionally workers), create the topics, and return.
+
+    Example: `stockflow stack up --processors 1 --projections 1`
+    """
+    from stockflow.stack import LocalStack
+
+    stack = LocalStack(Settings(), say=console.print)
+    stack.up()
+    stack.start_workers("processor", processors)
+    stack.start_workers("projection", projections)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the workers, Kafka and Redis that `stack up` started (by pid).
+
+    Example: `stockflow stack down`
+    """
+    from stockflow.stack import LocalStack
+
+    LocalStack(Settings(), say=console.print).down()
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show which stack processes run, with pids, addresses and logs.
+
+    Example: `stockflow stack status`
+    """
+    from stockflow.stack import LocalStack
+
+    table = Table("process", "pid", "state", "address / log")
+    for row in LocalStack(Settings()).status():
+        state = "[green]running[/green]" if row.running else "[red]stopped[/red]"
+        table.add_row(row.name, str(row.pid or "-"), state, row.detail)
+    console.print(table)
+
+
+# -- workers -------------------------------------------------------------------------------
+@worker_app.command("processor")
+def worker_processor(
+    web_port: Annotated[int | None, typer.Option(help="Serve Faust's web views on this port.")] = None,
+) -> None:
+    """Decide commands with the Faust processor (runs until SIGTERM or Ctrl-C).
+
+    Start as many as there are partitions; each gets its own data dir.
+
+    Example: `stockflow worker processor`
+    """
+    import faust
+
+    from processors.app import create_app
+    from stockflow.topics import ensure_topics
+
+    settings = Settings()
+    ensure_topics(settings)
+    data_dir = settings.run_dir / "processor" / f"{socket.gethostname()}-{os.getpid()}"
+    faust_app = create_app(settings, data_dir, web_port)
+    faust.Worker(faust_app, loglevel="WARN").execute_from_commandline()
+
+
+@worker_app.command("projection")
+def worker_projection() -> None:
+    """Fold events into the Redis read models (runs until SIGTERM or Ctrl-C).
+
+    Example: `stockflow worker projection`
+    """
+    from projections.worker import ProjectionWorker
+    from stockflow.topics import ensure_topics
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    ensure_topics(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    ProjectionWorker(settings).run(stop.is_set)
+
+
+# -- publish -------------------------------------------------------------------------------
+def _publish(command: Any) -> None:
+    from producers.publisher import Publisher
+
+    receipt = Publisher(Settings()).publish(command)
+    console.print(
+        f"{type(command).__name__} {receipt.command_id} -> partition {receipt.partition}, offset {receipt.offset}"
+    )
+
+
+ExpectedVersion = Annotated[
+    int | None, typer.Option(help="Decide only if the SKU is at this version (optimistic concurrency).")
+]
+
+
+@publish_app.command("order")
+def publish_order(
+    sku: str,
+    qty: int,
+    order_id: Annotated[str | None, typer.Option(help="Order id; a new UUID if left out.")] = None,
+    expected_version: ExpectedVersion = None,
+) -> None:
+    """Place an order for QTY units of SKU.
+
+    Example: `stockflow publish order SKU-1 2 --order-id o-1001`
+    """
+    from producers.commands import place_order
+
+    _publish(place_order(sku, qty, order_id, expected_version))
+
+
+@publish_app.command("cancel")
+def publish_cancel(sku: str, order_id: str, expected_version: ExpectedVersion = None) -> None:
+    """Cancel a processed order, releasing its units.
+
+    Example: `stockflow publish cancel SKU-1 o-1001`
+    """
+    from producers.commands import cancel_order
+
+    _publish(cancel_order(sku, order_id, expected_version))
+
+
+@publish_app.command("restock")
+def publish_restock(sku: str, qty: int, expected_version: ExpectedVersion = None) -> None:
+    """Add QTY units of SKU to stock.
+
+    Example: `stockflow publish restock SKU-1 100`
+    """
+    from producers.commands import restock
+
+    _publish(restock(sku, qty, expected_version))
+
+
+@app.command("load")
+def load(
+    orders: Annotated[int, typer.Option(help="How many orders to send.")] = 10_000,
+    rate: Annotated[float, typer.Option(help="Orders per second; 0 = as fast as possible.")] = 0.0,
+    skus: Annotated[int, typer.Option(help="How many SKUs (SKU-00000 ...).")] = 100,
+    hot_skus: Annotated[int, typer.Option(help="The first N SKUs get --hot-share of the orders.")] = 0,
+    hot_share: Annotated[float, typer.Option(help="Share of orders on the hot SKUs.")] = 0.8,
+    seed: Annotated[int | None, typer.Option(help="Random seed, for a repeatable load.")] = None,
+) -> None:
+    """Generate PlaceOrder load with a progress bar, and report the acknowledged rate.
+
+    Example: `stockflow load --orders 50000 --rate 5000 --skus 1000 --hot-skus 10`
+    """
+    from rich.progress import Progress
+
+    from producers.load import LoadProfile, run_load
+    from producers.publisher import Publisher
+
+    profile = LoadProfile(orders, rate, skus, hot_skus, hot_share, seed=seed)
+    with Progress(console=console) as progress:
+        task = progress.add_task("publishing", total=orders)
+        report = run_load(Publisher(Settings()), profile, lambda sent: progress.update(task, completed=sent))
+    console.print(
+        f"{report.acknowledged} acknowledged, {report.failed} failed in {report.elapsed_s:.1f}s"
+        f" ({report.rate:,.0f}/s)"
+    )
+    for error in report.errors:
+        errors.print(f"[red]{error}[/red]")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+# -- query ---------------------------------------------------------------------------------
+def _models() -> Any:
+    from projections.queries import ReadModels
+
+    return ReadModels(redis.Redis.from_url(Settings().redis_url))
+
+
+def _emit(data: Any, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    table = Table("field", "value", title=title)
+    for key, value in data.items():
+        table.add_row(str(key), json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+@query_app.command("stock")
+def query_stock(sku: str, as_json: JsonFlag = False) -> None:
+    """Stock of one SKU: available units, version, counters, recent orders.
+
+    Example: `stockflow query stock SKU-1 --json`
+    """
+    row = _models().stock(sku)
+    if row is None:
+        errors.print(f"no events for SKU {sku!r} have been projected yet")
+        raise typer.Exit(1)
+    _emit(row, as_json, f"stock of {sku}")
+
+
+@query_app.command("order")
+def query_order(order_id: str, as_json: JsonFlag = False) -> None:
+    """Status of an order, one line per SKU.
+
+    Example: `stockflow query order o-1001`
+    """
+    lines = _models().order(order_id)
+    if not lines:
+        errors.print(f"no events for order {order_id!r} have been projected yet")
+        raise typer.Exit(1)
+    _emit(lines, as_json, f"order {order_id}")
+
+
+@query_app.command("top")
+def query_top(n: Annotated[int, typer.Option("-n", help="How many SKUs.")] = 10, as_json: JsonFlag = False) -> None:
+    """Top-selling SKUs by units sold.
+
+    Example: `stockflow query top -n 5`
+    """
+    _emit(dict(_models().top(n)), as_json, "top sellers (units sold)")
+
+
+@query_app.command("totals")
+def query_totals(as_json: JsonFlag = False) -> None:
+    """Counters over all SKUs and the lowest stock.
+
+    Example: `stockflow query totals --json`
+    """
+    _emit(_models().totals(), as_json, "totals")
+
+
+# -- demo ----------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    orders: Annotated[int, typer.Option(help="Orders to publish.")] = 3000,
+    skus: Annotated[int, typer.Option(help="SKUs to restock and order.")] = 20,
+    keep_running: Annotated[bool, typer.Option(help="Leave the stack and workers running.")] = False,
+) -> None:
+    """Start everything, publish orders (some rejected, some duplicated), print the read models.
+
+    Example: `stockflow demo --orders 3000 --keep-running`
+    """
+    from stockflow.demo import DemoPlan, run_demo
+
+    if not run_demo(Settings(), DemoPlan(orders=orders, skus=skus), keep_running, console):
+        raise typer.Exit(1)

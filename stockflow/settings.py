@@ -1,0 +1,53 @@
+"""One typed, frozen settings object, read from ``STOCKFLOW_*`` environment variables.
+
+Built once at an entry point (the CLI) and passed down; nothing below reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STOCKFLOW_", frozen=True)
+
+    # Where clients connect. Empty means "the local stack": 127.0.0.1 on the ports below.
+    bootstrap_servers: str = ""
+    redis_url: str = ""
+
+    # Topics. Commands and events are co-partitioned: same partition count, key = SKU.
+    partitions: int = Field(default=12, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    commands_topic: str = "stockflow.commands"
+    events_topic: str = "stockflow.events"
+    dlq_topic: str = "stockflow.commands.dlq"
+    events_dlq_topic: str = "stockflow.events.dlq"
+
+    # Consumer groups (the processor's group is its Faust app id).
+    processor_group: str = "stockflow-processor"
+    projection_group: str = "stockflow-projection"
+
+    # Projection worker: events per poll, and how many order ids "recent orders" keeps per SKU.
+    projection_batch_size: int = Field(default=2000, ge=1)
+    recent_orders_per_sku: int = Field(default=20, ge=1)
+
+    # Local stack (no Docker): jar cache, data, logs and pid files live under these folders.
+    cache_dir: Path = Path(".stockflow/cache")
+    run_dir: Path = Path(".stockflow/run")
+    kafka_version: str = "4.1.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_heap: str = "1g"
+    redis_port: int = 6379
+
+    @model_validator(mode="after")
+    def _default_endpoints(self) -> Settings:
+        # Frozen model: fill derived defaults through object.__setattr__ once, at construction.
+        if not self.bootstrap_servers:
+            object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.kafka_port}")
+        if not self.redis_url:
+            object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
+        return self

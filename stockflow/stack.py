@@ -1,0 +1,397 @@
+"""The local stack without Docker: a real Apache Kafka broker (KRaft) and a real redis-server.
+
+Kafka's jars come from Maven Central once and are cached under ``settings.cache_dir``; data,
+logs and pid files live under ``settings.run_dir``. Every process the stack starts is
+recorded in a pid file and stopped by that pid only, after checking that the pid still runs
+the command the stack started (a recycled pid is never signalled).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from confluent_kafka import KafkaException
+
+from stockflow.errors import StackError
+from stockflow.settings import Settings
+from stockflow.topics import admin_client, ensure_topics
+
+POM = Path(__file__).parent / "kafka" / "pom.xml"
+Say = Callable[[str], None]
+
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.file.ref = file
+"""
+
+_SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={data}
+num.partitions={partitions}
+# One broker: internal topics cannot have more than one replica.
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Workers join at once instead of waiting 3 s for more members.
+group.initial.rebalance.delay.ms=0
+# stockflow creates its topics with the right partition count; a typo must not make one.
+auto.create.topics.enable=false
+"""
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    name: str
+    pid: int | None
+    running: bool
+    detail: str
+
+
+class ManagedProcess:
+    """A background process owned by the stack: started detached, tracked by pid file."""
+
+    def __init__(self, name: str, run_dir: Path) -> None:
+        self.name = name
+        self.pid_file = run_dir / "pids" / f"{name}.pid"
+        self.log_file = run_dir / "logs" / f"{name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        return pid if _is_ours(pid, self.pid_file) else None
+
+    def running(self) -> bool:
+        return self.pid() is not None
+
+    def start(self, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            process = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # not killed by a Ctrl-C meant for the CLI
+            )
+        # The executable is recorded too: _is_ours checks it before any signal is sent.
+        executable = os.path.realpath(shutil.which(argv[0]) or argv[0])
+        self.pid_file.write_text(f"{process.pid}\n{executable}\n")
+        return process.pid
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """SIGTERM, wait, then SIGKILL. Returns True if a process was stopped."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.05)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our own child, so that it does not linger as a zombie.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _is_ours(pid: int, pid_file: Path) -> bool:
+    if not _alive(pid):
+        return False
+    try:
+        executable = pid_file.read_text().splitlines()[1]
+        running = os.readlink(f"/proc/{pid}/exe")
+    except (OSError, IndexError):
+        return False
+    return running == executable
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process exactly these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"STOCKFLOW_{name.upper()}"] = str(value)
+    return env
+
+
+class LocalStack:
+    def __init__(self, settings: Settings, say: Say = print) -> None:
+        self.settings = settings
+        self.say = say
+        run_dir = settings.run_dir
+        self.kafka = ManagedProcess("kafka", run_dir)
+        self.redis = ManagedProcess("redis", run_dir)
+        self.kafka_home = settings.cache_dir / f"kafka-{settings.kafka_version}"
+
+    # -- install -------------------------------------------------------------------------
+    def install_kafka(self) -> Path:
+        """Fetch the broker's jars with Maven once; later calls reuse the cache."""
+        libs = self.kafka_home / "libs"
+        done = self.kafka_home / ".complete"
+        if done.exists():
+            return libs
+        for tool, package in (("java", "openjdk-17-jre-headless"), ("mvn", "maven")):
+            if shutil.which(tool) is None:
+                raise StackError(
+                    f"`{tool}` is not on PATH; the local Kafka broker needs it."
+                    f" Install it (apt-get install {package}), or point"
+                    " STOCKFLOW_BOOTSTRAP_SERVERS at a Kafka you already run"
+                )
+        self.say(f"Fetching Apache Kafka {self.settings.kafka_version} jars with Maven (first run only)...")
+        self.kafka_home.mkdir(parents=True, exist_ok=True)
+        log_path = self.kafka_home / "maven.log"
+        with open(log_path, "wb") as log:
+            result = subprocess.run(
+                [
+                    "mvn",
+                    "-B",
+                    "--no-transfer-progress",
+                    "-f",
+                    str(POM),
+                    "dependency:copy-dependencies",
+                    f"-Dkafka.version={self.settings.kafka_version}",
+                    f"-DoutputDirectory={libs.resolve()}",
+                    "-DincludeScope=runtime",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if result.returncode != 0:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+            raise StackError(
+                f"Maven could not fetch Kafka {self.settings.kafka_version} (exit"
+                f" {result.returncode}); is Maven Central reachable? Full log: {log_path}\n{tail}"
+            )
+        done.write_text(self.settings.kafka_version + "\n")
+        return libs
+
+    # -- start ---------------------------------------------------------------------------
+    def up(self) -> None:
+        self.start_redis()
+        self.start_kafka()
+        created = ensure_topics(self.settings)
+        if created:
+            self.say(f"Created topics: {', '.join(created)} ({self.settings.partitions} partitions)")
+
+    def start_redis(self) -> None:
+        if self.redis.running():
+            self.say(f"Redis already running on port {self.settings.redis_port}")
+            return
+        server = shutil.which("redis-server")
+        if server is None:
+            raise StackError(
+                "redis-server is not on PATH: run `make setup` (it installs Debian's"
+                " redis-server), or point STOCKFLOW_REDIS_URL at a Redis you already run"
+            )
+        self._refuse_busy_port(self.settings.redis_port, "STOCKFLOW_REDIS_PORT")
+        data = self.settings.run_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        # Nothing on disk: the event log is the truth and the read models are rebuilt from it.
+        self.redis.start(
+            [
+                server,
+                "--port",
+                str(self.settings.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data.resolve()),
+            ]
+        )
+        client = redis.Redis(port=self.settings.redis_port, socket_connect_timeout=0.5)
+        self._wait("Redis", self.redis, lambda: bool(client.ping()), timeout_s=20)
+        self.say(f"Redis up on 127.0.0.1:{self.settings.redis_port} (log: {self.redis.log_file})")
+
+    def start_kafka(self) -> None:
+        if self.kafka.running():
+            self.say(f"Kafka already running on port {self.settings.kafka_port}")
+            return
+        libs = self.install_kafka()
+        for port, setting in (
+            (self.settings.kafka_port, "STOCKFLOW_KAFKA_PORT"),
+            (self.settings.kafka_controller_port, "STOCKFLOW_KAFKA_CONTROLLER_PORT"),
+        ):
+            self._refuse_busy_port(port, setting)
+        home = (self.settings.run_dir / "kafka").resolve()
+        data = home / "data"
+        config = home / "server.properties"
+        log4j = home / "log4j2.properties"
+        home.mkdir(parents=True, exist_ok=True)
+        config.write_text(
+            _SERVER_PROPERTIES.format(
+                port=self.settings.kafka_port,
+                controller_port=self.settings.kafka_controller_port,
+                data=data,
+                partitions=self.settings.partitions,
+            )
+        )
+        log4j.write_text(_LOG4J2.format(log=(self.settings.run_dir / "logs" / "kafka-server.log").resolve()))
+        java = [
+            "java",
+            f"-Dlog4j2.configurationFile={log4j}",
+            "-cp",
+            f"{libs.resolve()}/*",
+        ]
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            result = subprocess.run(
+                [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "--standalone"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise StackError(f"formatting Kafka storage in {data} failed:\n{result.stdout}{result.stderr}")
+        self.kafka.start(
+            [
+                "java",
+                f"-Xmx{self.settings.kafka_heap}",
+                "-Xms256m",
+                "-XX:+UseG1GC",
+                f"-Dlog4j2.configurationFile={log4j}",
+                "-cp",
+                f"{libs.resolve()}/*",
+                "kafka.Kafka",
+                str(config),
+            ]
+        )
+        def broker_answers() -> bool:
+            # Knock on the port first: a Kafka client pointed at a closed port logs every retry.
+            if not port_open(self.settings.kafka_port):
+                return False
+            try:
+                return bool(admin_client(self.settings).list_topics(timeout=5).brokers)
+            except KafkaException:
+                return False
+
+        self._wait("Kafka", self.kafka, broker_answers, timeout_s=90)
+        self.say(f"Kafka {self.settings.kafka_version} up on {self.settings.bootstrap_servers} (logs: {self.kafka.log_file.parent})")
+
+    def _refuse_busy_port(self, port: int, setting: str) -> None:
+        if port_open(port):
+            raise StackError(
+                f"port {port} is already in use by a process this stack did not start:"
+                f" stop it, or choose another port with {setting}"
+            )
+
+    def _wait(self, what: str, process: ManagedProcess, ready: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not process.running():
+                raise StackError(f"{what} exited during start-up; last lines of {process.log_file}:\n{process.log_tail()}")
+            try:
+                if ready():
+                    return
+            except Exception:  # not up yet: connection refused, timeouts, ...
+                pass
+            time.sleep(0.3)
+        raise StackError(f"{what} did not answer within {timeout_s:.0f}s; see {process.log_file}:\n{process.log_tail()}")
+
+    # -- workers -------------------------------------------------------------------------
+    def worker(self, kind: str, index: int) -> ManagedProcess:
+        return ManagedProcess(f"{kind}-{index}", self.settings.run_dir)
+
+    def start_workers(self, kind: str, count: int) -> list[int]:
+        pids = []
+        for index in range(1, count + 1):
+            process = self.worker(kind, index)
+            if process.running():
+                continue
+            argv = [sys.executable, "-m", "stockflow", "worker", kind]
+            pids.append(process.start(argv, env=settings_env(self.settings)))
+        if pids:
+            self.say(f"Started {len(pids)} {kind} worker(s): pids {', '.join(map(str, pids))}")
+        return pids
+
+    def worker_processes(self) -> list[ManagedProcess]:
+        pid_dir = self.settings.run_dir / "pids"
+        names = sorted(p.stem for p in pid_dir.glob("*.pid")) if pid_dir.exists() else []
+        return [ManagedProcess(n, self.settings.run_dir) for n in names if n not in ("kafka", "redis")]
+
+    # -- stop and look -------------------------------------------------------------------
+    def down(self) -> None:
+        for process in [*self.worker_processes(), self.kafka, self.redis]:
+            if process.stop():
+                self.say(f"Stopped {process.name}")
+
+    def status(self) -> list[ProcessStatus]:
+        rows = []
+        for process, detail in (
+            (self.kafka, f"127.0.0.1:{self.settings.kafka_port}"),
+            (self.redis, f"127.0.0.1:{self.settings.redis_port}"),
+        ):
+            pid = process.pid()
+            rows.append(ProcessStatus(process.name, pid, pid is not None, detail))
+        for process in self.worker_processes():
+            pid = process.pid()
+            rows.append(ProcessStatus(process.name, pid, pid is not None, str(process.log_file)))
+        return rows

@@ -1,0 +1,69 @@
+"""Create stockflow's topics explicitly, with the configured partition count.
+
+Auto-creation would give the broker's default partition count, which breaks co-partitioning
+of commands, events and the processor's table changelogs.
+"""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from stockflow.errors import StackError
+from stockflow.settings import Settings
+
+# The event log is the source of truth: never delete it by age or size. Dead letters are kept
+# too, so that nothing a publisher sent is ever lost without an operator deciding so.
+KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    return {
+        settings.commands_topic: {},
+        settings.events_topic: dict(KEEP_FOREVER),
+        settings.dlq_topic: dict(KEEP_FOREVER),
+        settings.events_dlq_topic: dict(KEEP_FOREVER),
+    }
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create missing topics; refuse to run on existing ones with another partition count.
+
+    Returns the names of the topics it created.
+    """
+    admin = admin_client(settings)
+    try:
+        existing = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise StackError(
+            f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}."
+            " Start the stack with `stockflow stack up` or set STOCKFLOW_BOOTSTRAP_SERVERS"
+        ) from exc
+    wanted = topic_configs(settings)
+    for name in wanted:
+        if name in existing:
+            have = len(existing[name].partitions)
+            if have != settings.partitions:
+                raise StackError(
+                    f"topic {name} has {have} partitions but STOCKFLOW_PARTITIONS is"
+                    f" {settings.partitions}: set STOCKFLOW_PARTITIONS={have}, or use new"
+                    " topic names (STOCKFLOW_*_TOPIC)"
+                )
+    missing = [
+        NewTopic(name, settings.partitions, settings.replication_factor, config=config)
+        for name, config in wanted.items()
+        if name not in existing
+    ]
+    if not missing:
+        return []
+    for name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # another worker won the race: fine
+                raise StackError(f"cannot create topic {name}: {exc}") from exc
+    return [topic.topic for topic in missing]
