@@ -20,7 +20,6 @@ from schemas.records import (
     OrderProcessed,
     OrderRejected,
     PlaceOrder,
-    Restock,
     RestockRejected,
     StockReplenished,
     event_id_for,

@@ -66,10 +66,7 @@ def run_load(
             delay = started + i / profile.rate - time.monotonic()
             if delay > 0:
                 publisher.poll(delay)
-        if hot and rng.random() < profile.hot_share:
-            sku = rng.choice(hot)
-        else:
-            sku = rng.choice(skus)
+        sku = rng.choice(hot) if hot and rng.random() < profile.hot_share else rng.choice(skus)
         publisher.send(place_order(sku, rng.randint(1, profile.max_qty)), delivered)
         report.sent += 1
         if on_progress is not None and i % 500 == 0:

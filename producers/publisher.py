@@ -66,7 +66,7 @@ class Publisher:
                 on_delivery(command, receipt, None)
 
         value = codec.encode(command)
-        headers = [("type", type(command).__name__.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [("type", type(command).__name__.encode())]
         while True:
             try:
                 self._producer.produce(

@@ -98,7 +98,7 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
                 event.sku,
                 event.version,
                 isinstance(event, OrderRejected),
-                json.dumps(status, separators=(",", ":"))
+                json.dumps(status, separators=(",", ":")),
             )
     return plan
 

@@ -85,10 +85,12 @@ class ProjectionWorker:
     def _decode(self, message: Message) -> Event | None:
         value = message.value() or b""
         try:
-            return codec.decode_event(value)  # type: ignore[arg-type]
+            return codec.decode_event(value)
         except DecodeError as exc:
             # Garbage in the event log must not stop the read models: park it and go on.
-            log.error("dead letter at %s[%s]@%s: %s", message.topic(), message.partition(), message.offset(), exc)
+            log.error(
+                "dead letter at %s[%s]@%s: %s", message.topic(), message.partition(), message.offset(), exc
+            )
             self._dead_letters.produce(
                 self._settings.events_dlq_topic,
                 key=message.key(),

@@ -27,9 +27,7 @@ MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
 
-RECORD_CLASSES: Mapping[str, type[Record]] = {
-    cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES)
-}
+RECORD_CLASSES: Mapping[str, type[Record]] = {cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +85,7 @@ class AvroCodec:
             )
         reader = self._newest[writer.name][1]
         try:
-            fields = fastavro.schemaless_reader(
-                io.BytesIO(data[HEADER_SIZE:]), writer.schema, reader.schema
-            )
+            fields = fastavro.schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.schema, reader.schema)
         except Exception as exc:  # fastavro raises many types for a corrupt body
             raise DecodeError(f"corrupt {writer.name} v{writer.version} body: {exc}") from exc
         assert isinstance(fields, dict)

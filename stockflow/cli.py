@@ -139,7 +139,8 @@ def _publish(command: Any) -> None:
 
     receipt = Publisher(Settings()).publish(command)
     console.print(
-        f"{type(command).__name__} {receipt.command_id} -> partition {receipt.partition}, offset {receipt.offset}"
+        f"{type(command).__name__} {receipt.command_id}"
+        f" -> partition {receipt.partition}, offset {receipt.offset}"
     )
 
 
@@ -265,7 +266,9 @@ def query_order(order_id: str, as_json: JsonFlag = False) -> None:
 
 
 @query_app.command("top")
-def query_top(n: Annotated[int, typer.Option("-n", help="How many SKUs.")] = 10, as_json: JsonFlag = False) -> None:
+def query_top(
+    n: Annotated[int, typer.Option("-n", help="How many SKUs.")] = 10, as_json: JsonFlag = False
+) -> None:
     """Top-selling SKUs by units sold.
 
     Example: `stockflow query top -n 5`

@@ -15,11 +15,3 @@ class DecodeError(StockflowError):
 
 class StackError(StockflowError):
     """The local Kafka/Redis stack could not be installed, started or reached."""
-
-
-class Overloaded(StockflowError):
-    """The pipeline is behind; the caller should retry after ``retry_after_ms``."""
-
-    def __init__(self, message: str, retry_after_ms: int) -> None:
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms

@@ -304,13 +304,24 @@ class LocalStack:
         if not (data / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             result = subprocess.run(
-                [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "--standalone"],
+                [
+                    *java,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(config),
+                    "--standalone",
+                ],
                 capture_output=True,
                 text=True,
                 check=False,
             )
             if result.returncode != 0:
-                raise StackError(f"formatting Kafka storage in {data} failed:\n{result.stdout}{result.stderr}")
+                raise StackError(
+                    f"formatting Kafka storage in {data} failed:\n{result.stdout}{result.stderr}"
+                )
         self.kafka.start(
             [
                 "java",
@@ -324,6 +335,7 @@ class LocalStack:
                 str(config),
             ]
         )
+
         def broker_answers() -> bool:
             # Knock on the port first: a Kafka client pointed at a closed port logs every retry.
             if not port_open(self.settings.kafka_port):
@@ -334,7 +346,10 @@ class LocalStack:
                 return False
 
         self._wait("Kafka", self.kafka, broker_answers, timeout_s=90)
-        self.say(f"Kafka {self.settings.kafka_version} up on {self.settings.bootstrap_servers} (logs: {self.kafka.log_file.parent})")
+        self.say(
+            f"Kafka {self.settings.kafka_version} up on {self.settings.bootstrap_servers}"
+            f" (logs: {self.kafka.log_file.parent})"
+        )
 
     def _refuse_busy_port(self, port: int, setting: str) -> None:
         if port_open(port):
@@ -347,14 +362,18 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not process.running():
-                raise StackError(f"{what} exited during start-up; last lines of {process.log_file}:\n{process.log_tail()}")
+                raise StackError(
+                    f"{what} exited during start-up; last lines of {process.log_file}:\n{process.log_tail()}"
+                )
             try:
                 if ready():
                     return
             except Exception:  # not up yet: connection refused, timeouts, ...
                 pass
             time.sleep(0.3)
-        raise StackError(f"{what} did not answer within {timeout_s:.0f}s; see {process.log_file}:\n{process.log_tail()}")
+        raise StackError(
+            f"{what} did not answer within {timeout_s:.0f}s; see {process.log_file}:\n{process.log_tail()}"
+        )
 
     # -- workers -------------------------------------------------------------------------
     def worker(self, kind: str, index: int) -> ManagedProcess:

@@ -7,7 +7,7 @@ of commands, events and the processor's table changelogs.
 from __future__ import annotations
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from stockflow.errors import StackError
 from stockflow.settings import Settings

@@ -1,0 +1,153 @@
+"""Publish -> decide -> event log -> Redis, on the real broker and Redis the session starts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import redis
+from confluent_kafka import Producer
+
+from producers.commands import place_order, restock
+from producers.publisher import Publisher
+from projections.queries import ReadModels
+from schemas.codec import codec
+from schemas.records import OrderProcessed, OrderRejected, PlaceOrder, StockReplenished
+from stockflow.partitioning import partition_for
+from stockflow.settings import Settings
+from stockflow.stack import LocalStack
+from tests.pipeline import events_for, read_events, read_topic, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
+
+
+@pytest.fixture
+def publisher(settings: Settings, stack: LocalStack) -> Publisher:
+    return Publisher(settings)
+
+
+@pytest.fixture
+def models(redis_client: redis.Redis) -> ReadModels:
+    return ReadModels(redis_client)
+
+
+def test_an_order_becomes_an_event_and_a_read_model(
+    settings: Settings, publisher: Publisher, models: ReadModels, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    publisher.publish(restock(sku, 10))
+    order = place_order(sku, 3, order_id=unique("order"))
+    publisher.publish(order)
+
+    row = wait_for("the order in the read model", lambda: (models.stock(sku) or {}).get("processed"))
+    assert row == 1
+    stock = models.stock(sku)
+    assert stock is not None
+    assert (stock["available"], stock["version"], stock["units_sold"]) == (7, 2, 3)
+    assert stock["recent_orders"] == [order.order_id]
+    line = models.order(order.order_id)[sku]
+    assert (line["status"], line["qty"], line["version"]) == ("processed", 3, 2)
+
+    events = events_for(settings, sku)
+    assert [type(e) for e in events] == [StockReplenished, OrderProcessed]
+    assert events[1].command_id == order.command_id
+    assert events[1].available_after == 7
+
+
+def test_an_order_larger_than_the_stock_is_rejected_and_changes_nothing(
+    settings: Settings, publisher: Publisher, models: ReadModels, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    publisher.publish(restock(sku, 2))
+    order = place_order(sku, 5)
+    publisher.publish(order)
+
+    wait_for("the rejection in the read model", lambda: (models.stock(sku) or {}).get("rejected"))
+    stock = models.stock(sku)
+    assert stock is not None
+    assert (stock["available"], stock["units_sold"], stock["processed"]) == (2, 0, 0)
+    line = models.order(order.order_id)[sku]
+    assert line["status"] == "rejected"
+    assert "insufficient stock: 5 requested, 2 available" in line["reason"]
+    rejected = [e for e in events_for(settings, sku) if isinstance(e, OrderRejected)]
+    assert [e.command_id for e in rejected] == [order.command_id]
+
+
+def test_a_command_sent_twice_is_decided_once(
+    settings: Settings, publisher: Publisher, models: ReadModels, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    publisher.publish(restock(sku, 10))
+    order = place_order(sku, 4)
+    publisher.publish(order)
+    publisher.publish(order)  # a retry with the same command id
+    publisher.publish(order)
+    last = restock(sku, 1)  # same SKU, same partition: decided after the repeats
+    publisher.publish(last)
+
+    wait_for("the last restock", lambda: (models.stock(sku) or {}).get("version") == 3)
+    events = events_for(settings, sku)
+    assert [e.command_id for e in events].count(order.command_id) == 1
+    assert [e.version for e in events] == [1, 2, 3]
+    stock = models.stock(sku)
+    assert stock is not None
+    assert stock["available"] == 10 - 4 + 1
+
+
+def test_garbage_goes_to_the_dead_letter_topic_and_the_worker_goes_on(
+    settings: Settings, publisher: Publisher, models: ReadModels, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    partition = partition_for(sku.encode(), settings.partitions)
+    raw = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    garbage = b"\x00not avro at all " + unique("marker").encode()
+    raw.produce(settings.commands_topic, key=sku.encode(), value=garbage, partition=partition)
+    invalid = PlaceOrder(unique("cmd"), "c", 0, sku, "o-1", qty=-5)  # skips the publisher's check
+    raw.produce(settings.commands_topic, key=sku.encode(), value=codec.encode(invalid), partition=partition)
+    assert raw.flush(10) == 0
+    publisher.publish(restock(sku, 3))  # after the garbage, on the same partition
+
+    wait_for("the restock after the garbage", lambda: models.stock(sku))
+    dead = {r.value: r for r in read_topic(settings, settings.dlq_topic)}
+    assert dead[garbage].headers["error.type"] == b"DecodeError"
+    assert b"not an Avro single-object frame" in dead[garbage].headers["error.reason"]
+    assert dead[garbage].headers["source.partition"] == str(partition).encode()
+    bad_qty = dead[codec.encode(invalid)]
+    assert bad_qty.headers["error.type"] == b"InvalidCommand"
+    assert b"qty is -5" in bad_qty.headers["error.reason"]
+
+
+def test_a_command_on_the_wrong_partition_is_refused_not_decided(
+    settings: Settings, publisher: Publisher, models: ReadModels, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    home = partition_for(sku.encode(), settings.partitions)
+    wrong = (home + 1) % settings.partitions
+    stray = restock(sku, 50)
+    raw = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    raw.produce(settings.commands_topic, key=b"not-the-sku", value=codec.encode(stray), partition=wrong)
+    assert raw.flush(10) == 0
+    publisher.publish(restock(sku, 1))
+
+    wait_for("the well-routed restock", lambda: models.stock(sku))
+    wait_for(
+        "the stray command in the dead letter topic",
+        lambda: [
+            r
+            for r in read_topic(settings, settings.dlq_topic)
+            if r.headers.get("error.type") == b"WrongPartition"
+        ],
+    )
+    assert stray.command_id not in {e.command_id for e in read_events(settings)}
+    stock = models.stock(sku)
+    assert stock is not None
+    assert stock["available"] == 1
+
+
+def test_the_publisher_puts_a_sku_where_kafka_s_partitioner_does(
+    settings: Settings, publisher: Publisher, unique: Callable[[str], str]
+) -> None:
+    for i in range(40):
+        sku = unique(f"P{i}")
+        receipt = publisher.publish(restock(sku, 1))
+        assert receipt.partition == partition_for(sku.encode(), settings.partitions), sku

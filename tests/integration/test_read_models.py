@@ -1,0 +1,93 @@
+"""The Redis store is idempotent: applying events again, or replaying, changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from processors.domain import Stock, decide, evolve
+from producers.commands import cancel_order, place_order, restock
+from projections.queries import ReadModels
+from projections.store import ReadModelStore
+from projections.views import plan_writes
+from schemas.records import Command, Event
+from stockflow.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
+
+
+@pytest.fixture
+def scratch(settings: Settings) -> Iterator[redis.Redis]:
+    """Database 1 of the stack's Redis: the projection worker writes to database 0."""
+    client = redis.Redis.from_url(settings.redis_url, db=1)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def history(sku: str, commands: list[Command]) -> list[Event]:
+    state, events = Stock(sku), []
+    for command in commands:
+        for event in decide(state, command, now_ms=1):
+            state = evolve(state, event)
+            events.append(event)
+    return events
+
+
+def snapshot(client: redis.Redis) -> dict[bytes, object]:
+    dump: dict[bytes, object] = {}
+    for key in client.scan_iter():
+        kind = client.type(key)
+        if kind == b"hash":
+            dump[key] = client.hgetall(key)
+        elif kind == b"list":
+            dump[key] = client.lrange(key, 0, -1)
+        elif kind == b"zset":
+            dump[key] = client.zrange(key, 0, -1, withscores=True)
+        elif kind == b"set":
+            dump[key] = client.smembers(key)
+    return dump
+
+
+def test_applying_the_same_events_again_changes_nothing(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    order = place_order(sku, 2)
+    events = history(
+        sku, [restock(sku, 5), order, place_order(sku, 9), cancel_order(sku, order.order_id), restock(sku, 1)]
+    )
+    batch = [(0, offset, event) for offset, event in enumerate(events)]
+    store = ReadModelStore(scratch)
+
+    assert store.apply(plan_writes(batch)) == len(events)
+    first = snapshot(scratch)
+    assert store.apply(plan_writes(batch)) == 0  # whole batch again
+    assert store.apply(plan_writes(batch[1:3])) == 0  # a slice of it
+    assert store.apply(plan_writes([(0, 9, events[1])])) == 0  # a repeated decision, later offset
+    assert snapshot(scratch) | {b"sf:watermarks": None} == first | {b"sf:watermarks": None}
+
+    models = ReadModels(scratch)
+    stock = models.stock(sku)
+    assert stock is not None
+    assert (stock["available"], stock["units_sold"], stock["version"]) == (6, 0, 5)
+    assert (stock["processed"], stock["rejected"], stock["cancelled"], stock["replenished"]) == (1, 1, 1, 2)
+    assert models.order(order.order_id)[sku]["status"] == "cancelled"
+    assert models.top(1) == [(sku, 0)]
+    assert models.watermarks() == {0: 9}
+
+
+def test_events_applied_one_by_one_give_the_same_model_as_one_batch(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    events = history(sku, [restock(sku, 3), *[place_order(sku, 1) for _ in range(5)]])
+    store = ReadModelStore(scratch)
+    store.apply(plan_writes([(0, i, e) for i, e in enumerate(events)]))
+    batched = snapshot(scratch)
+    scratch.flushdb()
+    for i, event in enumerate(events):
+        store.apply(plan_writes([(0, i, event)]))
+    assert snapshot(scratch) == batched

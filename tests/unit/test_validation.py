@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+
+from producers.commands import cancel_order, place_order, restock
+from schemas.records import Command, validate_command
+from stockflow.errors import InvalidCommand
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (place_order("SKU-1", 0), "qty is 0: it must be a whole number of units, at least 1"),
+        (place_order("SKU-1", -3), "qty is -3"),
+        (place_order("", 1), "sku is empty"),
+        (place_order("   ", 1), "sku is empty"),
+        (place_order("S" * 65, 1), "sku is 65 characters long: at most 64"),
+        (restock("SKU-1", 0), "qty is 0"),
+        (cancel_order("SKU-1", ""), "order_id is empty"),
+        (place_order("SKU-1", 1, expected_version=-1), "expected_version is -1"),
+    ],
+)
+def test_invalid_commands_are_refused_with_what_to_fix(command: Command, message: str) -> None:
+    with pytest.raises(InvalidCommand, match=message):
+        validate_command(command)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(InvalidCommand) as caught:
+        validate_command(place_order("", 0))
+    assert "sku is empty" in str(caught.value)
+    assert "qty is 0" in str(caught.value)
+
+
+def test_valid_commands_pass() -> None:
+    for command in (place_order("SKU-1", 1), restock("SKU-1", 5), cancel_order("SKU-1", "o-1")):
+        validate_command(command)
