@@ -6,6 +6,8 @@ of commands, events and the processor's table changelogs.
 
 from __future__ import annotations
 
+import time
+
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
@@ -66,4 +68,21 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):  # another worker won the race: fine
                 raise StackError(f"cannot create topic {name}: {exc}") from exc
-    return [topic.topic for topic in missing]
+    created = [topic.topic for topic in missing]
+    _wait_for_leaders(admin, created, timeout_s)
+    return created
+
+
+def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float) -> None:
+    # A new topic is usable only once every partition has a leader; until then clients get
+    # NOT_LEADER_FOR_PARTITION, so the caller should not see the topic before that.
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metadata = admin.list_topics(timeout=timeout_s).topics
+        if all(
+            name in metadata and all(p.leader >= 0 for p in metadata[name].partitions.values())
+            for name in topics
+        ):
+            return
+        time.sleep(0.1)
+    raise StackError(f"topics {topics} have no leader after {timeout_s:.0f}s: is the broker healthy?")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from schemas.codec import codec
 from schemas.records import Event
@@ -50,7 +50,11 @@ def read_topic(settings: Settings, topic: str) -> list[Logged]:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         ends = {}
         for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            low, high = wait_for(
+                f"the offsets of {topic}[{p}]",
+                lambda p=p: _watermarks(consumer, TopicPartition(topic, p)),  # type: ignore[misc]
+                timeout_s=30,
+            )
             if high > low:
                 ends[p] = high
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
@@ -70,6 +74,13 @@ def read_topic(settings: Settings, topic: str) -> list[Logged]:
         return records
     finally:
         consumer.close()
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int] | None:
+    try:
+        return consumer.get_watermark_offsets(tp, timeout=10)
+    except KafkaException:  # NOT_LEADER_FOR_PARTITION for a moment after topics are created
+        return None
 
 
 def _headers(

@@ -1,0 +1,108 @@
+"""The `stockflow` CLI as a user drives it, against the session's real stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from stockflow.settings import Settings
+from stockflow.stack import LocalStack, settings_env
+from tests.pipeline import read_topic, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def stockflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stockflow", *args],
+        env=settings_env(settings) | {"COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["stack", "up"],
+        ["stack", "down"],
+        ["stack", "status"],
+        ["worker", "processor"],
+        ["worker", "projection"],
+        ["publish", "order"],
+        ["publish", "cancel"],
+        ["publish", "restock"],
+        ["load"],
+        ["query", "stock"],
+        ["query", "order"],
+        ["query", "top"],
+        ["query", "totals"],
+        ["demo"],
+    ],
+    ids=lambda c: " ".join(c) or "stockflow",
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stockflow", *command, "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    if command:  # each leaf command shows an example
+        assert "Example" in result.stdout or "Commands" in result.stdout
+
+
+@pytest.mark.usefixtures("stack")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["publish", "order", "SKU-1", "0"], "qty is 0"),
+        (["publish", "order", "", "2"], "sku is empty"),
+        (["publish", "restock", "--", "SKU-1", "-4"], "qty is -4"),
+    ],
+)
+def test_invalid_input_is_refused_with_exit_2_and_nothing_is_sent(
+    settings: Settings, args: list[str], message: str
+) -> None:
+    before = len(read_topic(settings, settings.commands_topic))
+    result = stockflow(settings, *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Nothing was sent" in result.stderr
+    assert len(read_topic(settings, settings.commands_topic)) == before
+
+
+@pytest.mark.usefixtures("stack")
+def test_publish_then_query_by_hand(settings: Settings, unique: Callable[[str], str]) -> None:
+    sku, order_id = unique("SKU"), unique("order")
+    restocked = stockflow(settings, "publish", "restock", sku, "5")
+    assert restocked.returncode == 0, restocked.stderr
+    assert "Restock" in restocked.stdout and "partition" in restocked.stdout
+    ordered = stockflow(settings, "publish", "order", sku, "2", "--order-id", order_id)
+    assert ordered.returncode == 0, ordered.stderr
+
+    def stock() -> dict[str, object] | None:
+        result = stockflow(settings, "query", "stock", sku, "--json")
+        row: dict[str, object] = json.loads(result.stdout) if result.returncode == 0 else {}
+        return row if row.get("processed") == 1 else None
+
+    row = wait_for("the order in `stockflow query stock`", stock)
+    assert (row["available"], row["units_sold"], row["recent_orders"]) == (3, 2, [order_id])
+    order = stockflow(settings, "query", "order", order_id, "--json")
+    assert json.loads(order.stdout)[sku]["status"] == "processed"
+    missing = stockflow(settings, "query", "stock", unique("never-seen"))
+    assert missing.returncode == 1
+    assert "no events for SKU" in missing.stderr
+
+
+def test_stack_status_names_each_process(settings: Settings, stack: LocalStack) -> None:
+    result = stockflow(settings, "stack", "status")
+    assert result.returncode == 0, result.stderr
+    for name in ("kafka", "redis", "processor-1", "projection-1"):
+        assert name in result.stdout
+    assert "stopped" not in result.stdout
