@@ -14,8 +14,9 @@ from schemas.records import Command
 
 @dataclass(frozen=True)
 class LoadProfile:
-    orders: int  # how many PlaceOrder commands to send
+    orders: int  # how many PlaceOrder commands to send, at most
     rate: float = 0.0  # commands per second; 0 = as fast as the producer takes them
+    duration_s: float = 0.0  # stop sending after this long, even before `orders`; 0 = no limit
     skus: int = 100
     hot_skus: int = 0  # the first N SKUs get hot_share of the orders
     hot_share: float = 0.8
@@ -45,7 +46,8 @@ def run_load(
     profile: LoadProfile,
     on_progress: Callable[[int], None] | None = None,
 ) -> LoadReport:
-    """Send ``profile.orders`` orders, pacing to ``profile.rate``; wait for every ack."""
+    """Send up to ``profile.orders`` orders for up to ``profile.duration_s``, pacing to
+    ``profile.rate``; then wait for every acknowledgement."""
     rng = random.Random(profile.seed)
     skus = profile.sku_names()
     hot = skus[: profile.hot_skus] if profile.hot_skus else []
@@ -60,7 +62,10 @@ def run_load(
                 report.errors.append(str(error))
 
     started = time.monotonic()
+    stop_at = started + profile.duration_s if profile.duration_s > 0 else float("inf")
     for i in range(profile.orders):
+        if time.monotonic() >= stop_at:
+            break
         if profile.rate > 0:
             # Pace against the schedule, not the previous send, so the rate holds on average.
             delay = started + i / profile.rate - time.monotonic()

@@ -189,8 +189,11 @@ def publish_restock(sku: str, qty: int, expected_version: ExpectedVersion = None
 
 @app.command("load")
 def load(
-    orders: Annotated[int, typer.Option(help="How many orders to send.")] = 10_000,
+    orders: Annotated[int, typer.Option(help="How many orders to send, at most.")] = 10_000,
     rate: Annotated[float, typer.Option(help="Orders per second; 0 = as fast as possible.")] = 0.0,
+    duration: Annotated[
+        float, typer.Option(help="Stop sending after this many seconds; 0 = no limit.")
+    ] = 0.0,
     skus: Annotated[int, typer.Option(help="How many SKUs (SKU-00000 ...).")] = 100,
     hot_skus: Annotated[int, typer.Option(help="The first N SKUs get --hot-share of the orders.")] = 0,
     hot_share: Annotated[float, typer.Option(help="Share of orders on the hot SKUs.")] = 0.8,
@@ -198,14 +201,14 @@ def load(
 ) -> None:
     """Generate PlaceOrder load with a progress bar, and report the acknowledged rate.
 
-    Example: `stockflow load --orders 50000 --rate 5000 --skus 1000 --hot-skus 10`
+    Example: `stockflow load --rate 5000 --duration 30 --orders 1000000 --skus 1000 --hot-skus 10`
     """
     from rich.progress import Progress
 
     from producers.load import LoadProfile, run_load
     from producers.publisher import Publisher
 
-    profile = LoadProfile(orders, rate, skus, hot_skus, hot_share, seed=seed)
+    profile = LoadProfile(orders, rate, duration, skus, hot_skus, hot_share, seed=seed)
     with Progress(console=console) as progress:
         task = progress.add_task("publishing", total=orders)
         report = run_load(Publisher(Settings()), profile, lambda sent: progress.update(task, completed=sent))
@@ -299,4 +302,38 @@ def demo(
     from stockflow.demo import DemoPlan, run_demo
 
     if not run_demo(Settings(), DemoPlan(orders=orders, skus=skus), keep_running, console):
+        raise typer.Exit(1)
+
+
+# -- verify --------------------------------------------------------------------------------
+@app.command("verify")
+def verify_command(
+    wait: Annotated[float, typer.Option(help="Seconds to wait for read models that are behind.")] = 0.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fold the event log and compare it with the processor's table and the Redis read models.
+
+    Exits 1 and prints each difference if anything was lost, decided twice, or disagrees.
+
+    Example: `stockflow verify --wait 60`
+    """
+    import time
+
+    from stockflow.verify import verify
+
+    settings = Settings()
+    deadline = time.monotonic() + wait
+    report = verify(settings)
+    while report.read_model_behind and time.monotonic() < deadline:
+        time.sleep(1)
+        report = verify(settings)
+    if as_json:
+        print(json.dumps({**report.summary(), "problems": report.problems}, indent=2))
+    else:
+        _emit(report.summary(), False, "verify")
+        for line in report.read_model_behind[:10]:
+            console.print(f"[yellow]behind:[/yellow] {line}")
+        for line in report.problems[:50]:
+            console.print(f"[red]{line}[/red]")
+    if report.problems:
         raise typer.Exit(1)

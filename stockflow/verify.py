@@ -1,0 +1,195 @@
+"""`stockflow verify`: does every view of the event log agree with it?
+
+Reads the commands topic, the dead letter topic and the event log from the start, folds the
+log per SKU, and compares the fold with the processor's stock table (its changelog topic) and
+with the Redis read models. Safe on a live system: it only reads, and a read model that is
+merely behind (lower version than the log) is reported as lag, not as a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from projections.queries import ReadModels
+from projections.store import STOCK_COUNTERS
+from projections.views import KIND
+from schemas.codec import codec
+from schemas.records import (
+    OrderCancelled,
+    OrderProcessed,
+    validate_command,
+)
+from stockflow.errors import DecodeError, InvalidCommand
+from stockflow.logreader import read_topic
+from stockflow.partitioning import partition_for
+from stockflow.settings import Settings
+
+
+@dataclass
+class SkuFold:
+    """What the event log says about one SKU."""
+
+    available: int = 0
+    version: int = 0
+    counters: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class Report:
+    commands: int = 0  # distinct command ids that passed validation
+    command_repeats: int = 0  # the same command id published again (retries)
+    dead_letters: int = 0
+    decisions: int = 0  # distinct event ids in the log
+    repeated_events: int = 0  # an event id already in the log, same decision: harmless
+    skus: int = 0
+    lost: list[str] = field(default_factory=list)  # accepted, never decided, not dead-lettered
+    double_decisions: list[str] = field(default_factory=list)
+    broken_history: list[str] = field(default_factory=list)  # version gaps, negative stock
+    table_mismatches: list[str] = field(default_factory=list)
+    read_model_mismatches: list[str] = field(default_factory=list)
+    read_model_behind: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return [
+            *(f"lost command {c}" for c in self.lost),
+            *self.double_decisions,
+            *self.broken_history,
+            *self.table_mismatches,
+            *self.read_model_mismatches,
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "commands": self.commands,
+            "command_repeats": self.command_repeats,
+            "dead_letters": self.dead_letters,
+            "decisions": self.decisions,
+            "repeated_events": self.repeated_events,
+            "skus": self.skus,
+            "lost": len(self.lost),
+            "double_decisions": len(self.double_decisions),
+            "broken_history": len(self.broken_history),
+            "table_mismatches": len(self.table_mismatches),
+            "read_model_mismatches": len(self.read_model_mismatches),
+            "read_model_behind": len(self.read_model_behind),
+        }
+
+
+def verify(settings: Settings) -> Report:
+    report = Report()
+    commands = _accepted_commands(settings, report)
+    folds = _fold_event_log(settings, report, commands)
+    report.lost = sorted(commands)  # what _fold_event_log did not account for
+    report.skus = len(folds)
+    _compare_with_table(settings, report, folds)
+    _compare_with_read_models(settings, report, folds)
+    return report
+
+
+def _accepted_commands(settings: Settings, report: Report) -> set[str]:
+    dead = {
+        (int(r.headers.get("source.partition", b"-1")), int(r.headers.get("source.offset", b"-1")))
+        for r in read_topic(settings, settings.dlq_topic)
+    }
+    report.dead_letters = len(dead)
+    accepted: set[str] = set()
+    for record in read_topic(settings, settings.commands_topic):
+        try:
+            command = codec.decode_command(record.value)
+            validate_command(command)
+        except (DecodeError, InvalidCommand):
+            continue  # must be in the DLQ; counted there
+        if partition_for(command.sku.encode(), settings.partitions) != record.partition:
+            continue  # refused as WrongPartition; in the DLQ
+        if command.command_id in accepted:
+            report.command_repeats += 1
+        accepted.add(command.command_id)
+    report.commands = len(accepted)
+    return accepted
+
+
+def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> dict[str, SkuFold]:
+    """Fold the log per SKU; removes every decided command id from ``undecided``."""
+    folds: dict[str, SkuFold] = {}
+    first_seen: dict[str, tuple[str, int, int]] = {}  # event id -> (type, version, available)
+    decision_of: dict[str, str] = {}  # command id -> event id
+    for record in read_topic(settings, settings.events_topic):
+        try:
+            event = codec.decode_event(record.value)
+        except DecodeError:
+            continue  # parked in the events DLQ by the projection
+        fingerprint = (type(event).__name__, event.version, event.available_after)
+        seen = first_seen.get(event.event_id)
+        if seen is not None:
+            if seen == fingerprint:
+                report.repeated_events += 1
+            else:
+                report.double_decisions.append(
+                    f"event {event.event_id} of command {event.command_id} logged twice with"
+                    f" different outcomes: {seen} then {fingerprint}"
+                )
+            continue
+        first_seen[event.event_id] = fingerprint
+        earlier = decision_of.setdefault(event.command_id, event.event_id)
+        if earlier != event.event_id:
+            report.double_decisions.append(f"command {event.command_id} decided twice")
+        undecided.discard(event.command_id)
+        fold = folds.setdefault(event.sku, SkuFold())
+        if event.version != fold.version + 1:
+            report.broken_history.append(
+                f"SKU {event.sku}: version {event.version} follows {fold.version} at"
+                f" {record.partition}@{record.offset}"
+            )
+        if event.available_after < 0:
+            report.broken_history.append(f"SKU {event.sku}: negative stock at version {event.version}")
+        fold.available, fold.version = event.available_after, event.version
+        fold.counters[KIND[type(event)]] += 1
+        if isinstance(event, OrderProcessed):
+            fold.counters["units_sold"] += event.qty
+        elif isinstance(event, OrderCancelled):
+            fold.counters["units_sold"] -= event.qty
+    report.decisions = len(first_seen)
+    return folds
+
+
+def _compare_with_table(settings: Settings, report: Report, folds: dict[str, SkuFold]) -> None:
+    changelog = f"{settings.processor_group}-stock-changelog"
+    table: dict[str, dict[str, int]] = {}
+    for record in read_topic(settings, changelog):
+        if record.key is None:
+            continue
+        sku = record.key.decode()
+        if record.value:
+            table[sku] = json.loads(record.value)
+        else:
+            table.pop(sku, None)  # a tombstone: the key was deleted
+    for sku, fold in folds.items():
+        row = table.get(sku)
+        if row is None or (row["available"], row["version"]) != (fold.available, fold.version):
+            report.table_mismatches.append(
+                f"SKU {sku}: processor table has {row}, the log says"
+                f" available={fold.available} version={fold.version}"
+            )
+
+
+def _compare_with_read_models(settings: Settings, report: Report, folds: dict[str, SkuFold]) -> None:
+    models = ReadModels(redis.Redis.from_url(settings.redis_url))
+    for sku, fold in folds.items():
+        row = models.stock(sku) or {"version": 0}
+        if row["version"] < fold.version:
+            report.read_model_behind.append(
+                f"SKU {sku}: read model at {row['version']}, log at {fold.version}"
+            )
+            continue
+        expected = {"available": fold.available, "version": fold.version}
+        expected.update({name: fold.counters[name] for name in STOCK_COUNTERS})
+        actual = {name: row.get(name, 0) for name in expected}
+        if actual != expected:
+            diff = {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]}
+            report.read_model_mismatches.append(f"SKU {sku}: (read model, log) differ in {diff}")
