@@ -26,6 +26,7 @@ from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
 from stockflow.errors import DecodeError, InvalidCommand
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
+from stockflow.topics import PROCESSOR_TABLES
 
 
 def broker_url(bootstrap_servers: str) -> str:
@@ -60,12 +61,14 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         partitions=settings.partitions,
     )
     dead_letters = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
+    # The changelog topics behind these tables are created by stockflow.topics.ensure_topics.
+    stock_table, orders_table, decided_table = PROCESSOR_TABLES
     # Per SKU: {"available": int, "version": int}.
-    stock = app.Table("stock", partitions=settings.partitions, key_type=str)
+    stock = app.Table(stock_table, partitions=settings.partitions, key_type=str)
     # Per "<sku>/<order_id>": {"qty": int, "cancelled": bool}; what a cancel needs.
-    orders = app.Table("orders", partitions=settings.partitions, key_type=str)
+    orders = app.Table(orders_table, partitions=settings.partitions, key_type=str)
     # Per command id: the SKU version its decision got. The dedupe set for retried commands.
-    decided = app.Table("decided", partitions=settings.partitions, key_type=str)
+    decided = app.Table(decided_table, partitions=settings.partitions, key_type=str)
 
     def load(command: Command) -> Stock:
         row = stock.get(command.sku) or {"available": 0, "version": 0}

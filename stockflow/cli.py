@@ -313,6 +313,8 @@ def verify_command(
 ) -> None:
     """Fold the event log and compare it with the processor's table and the Redis read models.
 
+    Views that are only behind the log (lag) are listed but are not failures.
+
     Exits 1 and prints each difference if anything was lost, decided twice, or disagrees.
 
     Example: `stockflow verify --wait 60`
@@ -324,14 +326,14 @@ def verify_command(
     settings = Settings()
     deadline = time.monotonic() + wait
     report = verify(settings)
-    while report.read_model_behind and time.monotonic() < deadline:
+    while report.behind and time.monotonic() < deadline:
         time.sleep(1)
         report = verify(settings)
     if as_json:
         print(json.dumps({**report.summary(), "problems": report.problems}, indent=2))
     else:
         _emit(report.summary(), False, "verify")
-        for line in report.read_model_behind[:10]:
+        for line in report.behind[:10]:
             console.print(f"[yellow]behind:[/yellow] {line}")
         for line in report.problems[:50]:
             console.print(f"[red]{line}[/red]")

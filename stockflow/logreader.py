@@ -34,7 +34,13 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Itera
         }
     )
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        try:
+            metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        except KafkaException as exc:
+            raise StackError(
+                f"cannot reach Kafka at {settings.bootstrap_servers} ({exc}): start the stack"
+                " (`stockflow stack up`) or set STOCKFLOW_BOOTSTRAP_SERVERS"
+            ) from exc
         if metadata is None or metadata.error is not None:
             raise StackError(f"topic {topic} is missing: start the stack or check STOCKFLOW_*_TOPIC")
         ends = {}

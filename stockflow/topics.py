@@ -14,18 +14,32 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from stockflow.errors import StackError
 from stockflow.settings import Settings
 
+# The processor's Faust tables; each is backed by a compacted changelog topic.
+PROCESSOR_TABLES = ("stock", "orders", "decided")
+
 # The event log is the source of truth: never delete it by age or size. Dead letters are kept
 # too, so that nothing a publisher sent is ever lost without an operator deciding so.
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 
 
+def changelog_topic(settings: Settings, table: str) -> str:
+    """The name Faust gives a table's changelog: ``<app id>-<table>-changelog``."""
+    return f"{settings.processor_group}-{table}-changelog"
+
+
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    return {
+    configs = {
         settings.commands_topic: {},
         settings.events_topic: dict(KEEP_FOREVER),
         settings.dlq_topic: dict(KEEP_FOREVER),
         settings.events_dlq_topic: dict(KEEP_FOREVER),
     }
+    # Created here rather than by Faust: a worker that creates a changelog at start-up can
+    # write to it before its metadata shows any partition, and Faust then crashes the agent
+    # with PartitionsMismatch ("... has 0 partitions").
+    for table in PROCESSOR_TABLES:
+        configs[changelog_topic(settings, table)] = {"cleanup.policy": "compact"}
+    return configs
 
 
 def admin_client(settings: Settings) -> AdminClient:

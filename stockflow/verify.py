@@ -28,6 +28,7 @@ from stockflow.errors import DecodeError, InvalidCommand
 from stockflow.logreader import read_topic
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
+from stockflow.topics import changelog_topic
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Report:
     double_decisions: list[str] = field(default_factory=list)
     broken_history: list[str] = field(default_factory=list)  # version gaps, negative stock
     table_mismatches: list[str] = field(default_factory=list)
+    table_behind: list[str] = field(default_factory=list)  # changelog not flushed yet
     read_model_mismatches: list[str] = field(default_factory=list)
     read_model_behind: list[str] = field(default_factory=list)
 
@@ -78,7 +80,12 @@ class Report:
             "table_mismatches": len(self.table_mismatches),
             "read_model_mismatches": len(self.read_model_mismatches),
             "read_model_behind": len(self.read_model_behind),
+            "table_behind": len(self.table_behind),
         }
+
+    @property
+    def behind(self) -> list[str]:
+        return self.table_behind + self.read_model_behind
 
 
 def verify(settings: Settings) -> Report:
@@ -159,19 +166,21 @@ def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> 
 
 
 def _compare_with_table(settings: Settings, report: Report, folds: dict[str, SkuFold]) -> None:
-    changelog = f"{settings.processor_group}-stock-changelog"
     table: dict[str, dict[str, int]] = {}
-    for record in read_topic(settings, changelog):
+    for record in read_topic(settings, changelog_topic(settings, "stock")):
         if record.key is None:
             continue
-        sku = record.key.decode()
+        sku = json.loads(record.key)  # Faust writes table keys and values as JSON
         if record.value:
             table[sku] = json.loads(record.value)
         else:
             table.pop(sku, None)  # a tombstone: the key was deleted
     for sku, fold in folds.items():
-        row = table.get(sku)
-        if row is None or (row["available"], row["version"]) != (fold.available, fold.version):
+        row = table.get(sku) or {"available": 0, "version": 0}
+        if row["version"] < fold.version:
+            # The table's changelog is flushed when the processor commits (every few seconds).
+            report.table_behind.append(f"SKU {sku}: table at {row['version']}, log at {fold.version}")
+        elif (row["available"], row["version"]) != (fold.available, fold.version):
             report.table_mismatches.append(
                 f"SKU {sku}: processor table has {row}, the log says"
                 f" available={fold.available} version={fold.version}"
