@@ -7,13 +7,12 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from processors.domain import Stock, decide, evolve
 from producers.commands import cancel_order, place_order, restock
 from projections.queries import ReadModels
 from projections.store import ReadModelStore
 from projections.views import plan_writes
-from schemas.records import Command, Event
 from stockflow.settings import Settings
+from tests.history import decided
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -25,15 +24,6 @@ def scratch(settings: Settings) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.flushdb()
-
-
-def history(sku: str, commands: list[Command]) -> list[Event]:
-    state, events = Stock(sku), []
-    for command in commands:
-        for event in decide(state, command, now_ms=1):
-            state = evolve(state, event)
-            events.append(event)
-    return events
 
 
 def snapshot(client: redis.Redis) -> dict[bytes, object]:
@@ -56,8 +46,8 @@ def test_applying_the_same_events_again_changes_nothing(
 ) -> None:
     sku = unique("SKU")
     order = place_order(sku, 2)
-    events = history(
-        sku, [restock(sku, 5), order, place_order(sku, 9), cancel_order(sku, order.order_id), restock(sku, 1)]
+    events = decided(
+        sku, restock(sku, 5), order, place_order(sku, 9), cancel_order(sku, order.order_id), restock(sku, 1)
     )
     batch = [(0, offset, event) for offset, event in enumerate(events)]
     store = ReadModelStore(scratch)
@@ -83,7 +73,7 @@ def test_events_applied_one_by_one_give_the_same_model_as_one_batch(
     scratch: redis.Redis, unique: Callable[[str], str]
 ) -> None:
     sku = unique("SKU")
-    events = history(sku, [restock(sku, 3), *[place_order(sku, 1) for _ in range(5)]])
+    events = decided(sku, restock(sku, 3), *[place_order(sku, 1) for _ in range(5)])
     store = ReadModelStore(scratch)
     store.apply(plan_writes([(0, i, e) for i, e in enumerate(events)]))
     batched = snapshot(scratch)

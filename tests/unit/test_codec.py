@@ -11,29 +11,23 @@ import fastavro
 import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from processors.domain import Stock, decide, evolve
 from producers.commands import cancel_order, place_order, restock
 from schemas.codec import HEADER_SIZE, MAGIC, SCHEMA_DIR, AvroCodec, codec
 from schemas.records import COMMAND_TYPES, EVENT_TYPES, Command, Record, Restock
 from stockflow.errors import DecodeError
+from tests.history import decided
 
 
 def every_record() -> list[Record]:
     order = place_order("SKU-1", 2, order_id="o-1", expected_version=1)
-    records: list[Record] = [restock("SKU-1", 5), order, cancel_order("SKU-1", "o-1")]
-    state = Stock("SKU-1")
     commands: list[Command] = [
         restock("SKU-1", 5),
         order,
         place_order("SKU-1", 99),
         cancel_order("SKU-1", "o-1"),
+        restock("SKU-1", 1, expected_version=0),
     ]
-    commands.append(restock("SKU-1", 1, expected_version=0))
-    for command in commands:
-        for event in decide(state, command, 1):
-            state = evolve(state, event)
-            records.append(event)
-    return records
+    return [*commands, *decided("SKU-1", *commands)]
 
 
 def test_every_record_type_is_covered() -> None:

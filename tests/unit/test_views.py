@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from processors.domain import Stock, decide, evolve
 from producers.commands import cancel_order, place_order, restock
 from projections.views import plan_writes
-from schemas.records import Command, Event
-
-
-def decided(*commands: Command) -> list[Event]:
-    state, events = Stock("SKU-1"), []
-    for command in commands:
-        for event in decide(state, command, 1):
-            state = evolve(state, event)
-            events.append(event)
-    return events
+from tests.history import decided
 
 
 def test_watermarks_are_the_last_offset_per_partition_dead_letters_included() -> None:
-    events = decided(restock("SKU-1", 1))
+    events = decided("SKU-1", restock("SKU-1", 1))
     plan = plan_writes([(0, 5, events[0]), (3, 7, None), (0, 6, None)])
     assert plan.watermarks == {0: 6, 3: 7}
     assert [c.version for c in plan.sku_changes["SKU-1"]] == [1]
@@ -26,7 +16,9 @@ def test_watermarks_are_the_last_offset_per_partition_dead_letters_included() ->
 
 def test_a_refused_cancel_does_not_overwrite_the_cancelled_order() -> None:
     order = place_order("SKU-1", 1, order_id="o-1")
-    events = decided(restock("SKU-1", 3), order, cancel_order("SKU-1", "o-1"), cancel_order("SKU-1", "o-1"))
+    events = decided(
+        "SKU-1", restock("SKU-1", 3), order, cancel_order("SKU-1", "o-1"), cancel_order("SKU-1", "o-1")
+    )
     plan = plan_writes([(0, i, e) for i, e in enumerate(events)])
     line = plan.order_lines[("o-1", "SKU-1")]
     assert '"status":"cancelled"' in line.document
@@ -35,7 +27,7 @@ def test_a_refused_cancel_does_not_overwrite_the_cancelled_order() -> None:
 
 def test_a_repeated_older_decision_does_not_win_over_a_newer_one() -> None:
     order = place_order("SKU-1", 1, order_id="o-1")
-    events = decided(restock("SKU-1", 3), order, cancel_order("SKU-1", "o-1"))
+    events = decided("SKU-1", restock("SKU-1", 3), order, cancel_order("SKU-1", "o-1"))
     replayed = [*events, events[1]]  # the processed event again, after the cancel
     plan = plan_writes([(0, i, e) for i, e in enumerate(replayed)])
     assert plan.order_lines[("o-1", "SKU-1")].version == 3
