@@ -87,3 +87,41 @@ def _headers(
 ) -> dict[str, bytes]:
     pairs = raw.items() if isinstance(raw, dict) else raw
     return {k: v.encode() if isinstance(v, str) else v or b"" for k, v in pairs}
+
+
+def read_range(settings: Settings, topic: str, partition: int, start: int, end: int) -> list[Logged]:
+    """The records of one partition with offsets in [start, end), in offset order."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"stockflow-reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
+    records: list[Logged] = []
+    try:
+        consumer.assign([TopicPartition(topic, partition, start)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            message = consumer.poll(1.0)
+            if message is None or message.error() is not None:
+                continue
+            offset = message.offset()
+            assert offset is not None
+            if offset >= end:
+                return records
+            records.append(
+                Logged(
+                    topic,
+                    partition,
+                    offset,
+                    message.key(),
+                    message.value() or b"",
+                    _headers(message.headers() or []),
+                )
+            )
+            if offset == end - 1:
+                return records
+        raise StackError(f"could not read {topic}[{partition}] offsets {start}..{end - 1} within 60s")
+    finally:
+        consumer.close()

@@ -15,7 +15,7 @@ from stockflow.errors import StackError
 from stockflow.settings import Settings
 
 # The processor's Faust tables; each is backed by a compacted changelog topic.
-PROCESSOR_TABLES = ("stock", "orders", "decided")
+PROCESSOR_TABLES = ("state",)
 
 # The event log is the source of truth: never delete it by age or size. Dead letters are kept
 # too, so that nothing a publisher sent is ever lost without an operator deciding so.

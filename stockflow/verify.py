@@ -167,10 +167,11 @@ def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> 
 
 def _compare_with_table(settings: Settings, report: Report, folds: dict[str, SkuFold]) -> None:
     table: dict[str, dict[str, int]] = {}
-    for record in read_topic(settings, changelog_topic(settings, "stock")):
-        if record.key is None:
-            continue
-        sku = json.loads(record.key)  # Faust writes table keys and values as JSON
+    for record in read_topic(settings, changelog_topic(settings, "state")):
+        key = json.loads(record.key) if record.key else ""  # Faust writes keys and values as JSON
+        if not key.startswith("s:"):
+            continue  # order lines and command markers
+        sku = key[2:]
         if record.value:
             table[sku] = json.loads(record.value)
         else:

@@ -44,12 +44,6 @@ def test_verify_passes_on_a_healthy_pipeline(settings: Settings, stack: LocalSta
     assert report.decisions >= report.commands - report.dead_letters
 
 
-# Known failure, kept running so its verify summary is printed: the processor's `decided` and
-# `stock` tables are separate changelog topics, written without a transaction, so a SIGKILL
-# between the two lets a replayed command be decided again at the next version (seen: a
-# rejection logged at versions 164 and 165). The fix (one atomic record per SKU, or Faust's
-# exactly_once) is open work; remove this mark when the test passes reliably.
-@pytest.mark.xfail(reason="double decision after SIGKILL: tables not written atomically", strict=False)
 def test_a_processor_killed_mid_load_loses_and_doubles_nothing(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
