@@ -14,6 +14,7 @@ Lua script on a single key slot, so replaying any part of the log leaves the mod
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -25,12 +26,18 @@ STOCK_COUNTERS = ("units_sold", *KIND.values())
 
 # KEYS: stock hash, recent list. ARGV: recent max, then 6 per event:
 # version, kind, order_id, qty, available_after, occurred_at.
+# Returns {events applied, units sold, 1 if a version is missing before these events}. A missing
+# version means Redis lost what it had (a restart, a flush): nothing after the gap is written,
+# and the worker replays the partition from the start of the log.
 _APPLY_SKU = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local recent_max = tonumber(ARGV[1])
 local applied = 0
 for i = 2, #ARGV, 6 do
   local version = tonumber(ARGV[i])
+  if version > current + 1 then
+    return {applied, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0'), 1}
+  end
   if version > current then
     local kind = ARGV[i + 1]
     local qty = tonumber(ARGV[i + 3])
@@ -48,7 +55,7 @@ for i = 2, #ARGV, 6 do
     applied = applied + 1
   end
 end
-return {applied, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0')}
+return {applied, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0'), 0}
 """
 
 # KEYS: order hash. ARGV: sku, version, status JSON, "1" if the event is a rejection.
@@ -91,6 +98,12 @@ SKUS_KEY = f"{PREFIX}:skus"
 WATERMARKS_KEY = f"{PREFIX}:watermarks"
 
 
+@dataclass
+class Applied:
+    events: int = 0  # events that changed a SKU (repeats and replays change nothing)
+    gaps: set[int] = field(default_factory=set)  # partitions to replay from the start
+
+
 class ReadModelStore:
     def __init__(self, client: redis.Redis, recent_orders_per_sku: int = 20) -> None:
         self._redis = client
@@ -99,10 +112,10 @@ class ReadModelStore:
         self._apply_order_line = client.register_script(_APPLY_ORDER_LINE)
         self._advance_watermarks = client.register_script(_ADVANCE_WATERMARKS)
 
-    def apply(self, plan: WritePlan) -> int:
+    def apply(self, plan: WritePlan) -> Applied:
         """Write a plan; the partition watermarks go last, after every effect they cover.
 
-        Returns how many events changed a SKU (repeats and replays change nothing).
+        A partition in which some SKU's history has a gap gets no watermark: it must be replayed.
         """
         skus = list(plan.sku_changes)
         pipe = self._redis.pipeline(transaction=False)
@@ -127,13 +140,17 @@ class ReadModelStore:
         if skus:
             pipe.sadd(SKUS_KEY, *skus)
         results = pipe.execute()
-        applied = 0
+        outcome = Applied()
         pipe = self._redis.pipeline(transaction=False)
-        for sku, (count, units_sold) in zip(skus, results, strict=False):
-            applied += int(count)
-            pipe.zadd(TOP_KEY, {sku: int(units_sold)})
-        if plan.watermarks:
-            args = [x for partition, offset in plan.watermarks.items() for x in (partition, offset)]
+        for sku, (count, units_sold, gap) in zip(skus, results, strict=False):
+            outcome.events += int(count)
+            if gap:
+                outcome.gaps.add(plan.sku_partitions[sku])
+            else:
+                pipe.zadd(TOP_KEY, {sku: int(units_sold)})
+        marks = {p: offset for p, offset in plan.watermarks.items() if p not in outcome.gaps}
+        if marks:
+            args = [x for partition, offset in marks.items() for x in (partition, offset)]
             self._advance_watermarks(keys=[WATERMARKS_KEY], args=args, client=pipe)
         pipe.execute()
-        return applied
+        return outcome

@@ -60,6 +60,7 @@ class OrderLineStatus:
 @dataclass
 class WritePlan:
     sku_changes: dict[str, list[SkuChange]] = field(default_factory=dict)
+    sku_partitions: dict[str, int] = field(default_factory=dict)
     order_lines: dict[tuple[str, str], OrderLineStatus] = field(default_factory=dict)
     watermarks: dict[int, int] = field(default_factory=dict)
 
@@ -76,6 +77,7 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
             continue
         kind = KIND[type(event)]
         order_id = getattr(event, "order_id", "")
+        plan.sku_partitions[event.sku] = partition
         plan.sku_changes.setdefault(event.sku, []).append(
             SkuChange(
                 event.version,

@@ -45,9 +45,13 @@ class ProjectionWorker:
             {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True}
         )
         self.events_applied = 0
+        # Last offset this worker applied, per assigned partition: what Redis should hold.
+        self._applied: dict[int, int] = {}
 
     def run(self, should_stop: Callable[[], bool]) -> None:
-        self._consumer.subscribe([self._settings.events_topic], on_assign=self._on_assign)
+        self._consumer.subscribe(
+            [self._settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         try:
             while not should_stop():
                 self.poll_once(timeout_s=0.5)
@@ -56,6 +60,7 @@ class ProjectionWorker:
             self._dead_letters.flush(10)
 
     def poll_once(self, timeout_s: float) -> int:
+        self._rebuild(self._lost_watermarks())
         messages = self._consumer.consume(self._settings.projection_batch_size, timeout_s)
         batch: list[tuple[int, int, Event | None]] = []
         for message in messages:
@@ -70,17 +75,34 @@ class ProjectionWorker:
             return 0
         if any(event is None for _, _, event in batch):
             self._dead_letters.flush(30)  # parked for good before the watermark moves past it
-        applied = self._store.apply(plan_writes(batch))
-        self.events_applied += applied
-        plan_offsets = {partition: offset for partition, offset, _ in batch}
-        self._consumer.commit(
-            offsets=[
-                TopicPartition(self._settings.events_topic, partition, offset + 1)
-                for partition, offset in plan_offsets.items()
-            ],
-            asynchronous=True,
-        )
+        outcome = self._store.apply(plan_writes(batch))
+        self.events_applied += outcome.events
+        self._rebuild(outcome.gaps)
+        done = {p: offset for p, offset, _ in batch if p not in outcome.gaps}
+        self._applied.update(done)
+        if done:
+            self._consumer.commit(
+                offsets=[TopicPartition(self._settings.events_topic, p, o + 1) for p, o in done.items()],
+                asynchronous=True,
+            )
         return len(batch)
+
+    def _lost_watermarks(self) -> set[int]:
+        """Partitions this worker wrote whose watermark Redis no longer has (it lost its data).
+
+        One HGETALL per poll. It notices a loss even on partitions with no new events; the
+        version check in the store is what keeps a loss from ever being half-written over.
+        """
+        if not self._applied:
+            return set()
+        held = self._models.watermarks()
+        return {p for p, offset in self._applied.items() if held.get(p, -1) < offset}
+
+    def _rebuild(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            log.warning("Redis lost data of events partition %s: replaying it from the start", partition)
+            self._applied.pop(partition, None)
+            self._consumer.seek(TopicPartition(self._settings.events_topic, partition, OFFSET_BEGINNING))
 
     def _decode(self, message: Message) -> Event | None:
         value = message.value() or b""
@@ -113,3 +135,7 @@ class ProjectionWorker:
             tp.offset = OFFSET_BEGINNING if applied is None else applied + 1
         consumer.assign(partitions)
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._applied.pop(tp.partition, None)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
 
 from producers.commands import restock
 from producers.load import LoadProfile, LoadReport, run_load
@@ -108,3 +109,16 @@ def test_a_broker_restart_mid_load_loses_and_doubles_nothing(
     report, recovered_s = load_with_fault(settings, stack, unique("BROKER") + "-", restart_broker)
     print(f"broker restart: verified {recovered_s:.1f}s after the stop, {report.summary()}")
     assert report.problems == []
+
+
+def test_redis_losing_all_its_data_mid_load_is_noticed_and_rebuilt(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    def lose_everything() -> None:
+        redis.Redis.from_url(settings.redis_url).flushall()
+
+    report, recovered_s = load_with_fault(settings, stack, unique("FLUSH") + "-", lose_everything)
+    print(f"Redis FLUSHALL: verified {recovered_s:.1f}s after the flush, {report.summary()}")
+    assert report.problems == []
+    log = stack.worker("projection", 1).log_file.read_text()
+    assert "Redis lost data" in log  # rebuilt because it noticed, not by chance
