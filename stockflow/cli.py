@@ -339,3 +339,77 @@ def verify_command(
             console.print(f"[red]{line}[/red]")
     if report.problems:
         raise typer.Exit(1)
+
+
+# -- dead letters --------------------------------------------------------------------------
+dlq_app = typer.Typer(help="Inspect and redrive dead letters.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    events: Annotated[
+        bool, typer.Option("--events", help="The events DLQ instead of the commands DLQ.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """List dead letters with the reason each was parked.
+
+    Example: `stockflow dlq list --json`
+    """
+    from stockflow.dlq import dead_letters
+
+    settings = Settings()
+    rows = [
+        letter.summary() for letter in dead_letters(settings, settings.events_dlq_topic if events else None)
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "error", "reason", "source", "bytes", title=f"{len(rows)} dead letters")
+    for row in rows:
+        table.add_row(row["id"], row["error_type"], row["reason"], row["source"], row["bytes"])
+    console.print(table)
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="Dead letter ids (partition:offset) from `dlq list`.")
+    ] = None,
+    all_letters: Annotated[
+        bool, typer.Option("--all", help="Every dead letter in the commands DLQ.")
+    ] = False,
+) -> None:
+    """Re-publish dead letters that now decode and validate; say why the others cannot be.
+
+    Exits 1 if any named letter could not be redriven.
+
+    Example: `stockflow dlq redrive 0:17 3:2`
+    """
+    from stockflow.dlq import dead_letters, redrive
+
+    settings = Settings()
+    letters = dead_letters(settings)
+    if not all_letters:
+        wanted = set(ids or [])
+        unknown = wanted - {letter.id for letter in letters}
+        if unknown or not wanted:
+            errors.print(
+                f"no dead letter {sorted(unknown)}: name ids from `stockflow dlq list`, or use --all"
+                if unknown
+                else "name dead letter ids (partition:offset) from `stockflow dlq list`, or use --all"
+            )
+            raise typer.Exit(2)
+        letters = [letter for letter in letters if letter.id in wanted]
+    outcomes = redrive(settings, letters)
+    for outcome in outcomes:
+        if outcome.receipt is not None:
+            console.print(
+                f"{outcome.letter.id}: redriven as {outcome.receipt.command_id}"
+                f" -> partition {outcome.receipt.partition}, offset {outcome.receipt.offset}"
+            )
+        else:
+            errors.print(f"{outcome.letter.id}: not redriven: {outcome.refused}")
+    if any(outcome.receipt is None for outcome in outcomes):
+        raise typer.Exit(1)

@@ -8,7 +8,11 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from confluent_kafka import Producer
 
+from producers.commands import restock
+from schemas.codec import codec
+from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack, settings_env
 from tests.pipeline import read_topic, wait_for
@@ -45,6 +49,9 @@ def stockflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str
         ["query", "top"],
         ["query", "totals"],
         ["demo"],
+        ["verify"],
+        ["dlq", "list"],
+        ["dlq", "redrive"],
     ],
     ids=lambda c: " ".join(c) or "stockflow",
 )
@@ -106,3 +113,39 @@ def test_stack_status_names_each_process(settings: Settings, stack: LocalStack) 
     for name in ("kafka", "redis", "processor-1", "projection-1"):
         assert name in result.stdout
     assert "stopped" not in result.stdout
+
+
+@pytest.mark.usefixtures("stack")
+def test_a_dead_letter_is_listed_and_a_repaired_one_is_redriven(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    stray = restock(sku, 9)  # valid, but produced on the wrong partition: parked
+    garbage = b"junk " + unique("junk").encode()
+    raw = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    wrong = (partition_for(sku.encode(), settings.partitions) + 1) % settings.partitions
+    raw.produce(settings.commands_topic, key=b"x", value=codec.encode(stray), partition=wrong)
+    raw.produce(settings.commands_topic, key=b"x", value=garbage, partition=wrong)
+    assert raw.flush(10) == 0
+
+    def ours() -> dict[str, dict[str, str]] | None:
+        rows: list[dict[str, str]] = json.loads(stockflow(settings, "dlq", "list", "--json").stdout)
+        found = {r["error_type"]: r for r in rows if sku in r["reason"] or r["bytes"] == str(len(garbage))}
+        return found if len(found) == 2 else None
+
+    by_type = wait_for("both dead letters in `stockflow dlq list`", ours)
+    assert "belongs on partition" in by_type["WrongPartition"]["reason"]
+    assert "not an Avro single-object frame" in by_type["DecodeError"]["reason"]
+
+    redriven = stockflow(settings, "dlq", "redrive", by_type["WrongPartition"]["id"])
+    assert redriven.returncode == 0, redriven.stderr
+    assert f"redriven as {stray.command_id}" in redriven.stdout
+    row = wait_for(
+        "the redriven restock in the read model",
+        lambda: json.loads(stockflow(settings, "query", "stock", sku, "--json").stdout or "null"),
+    )
+    assert row["available"] == 9
+
+    refused = stockflow(settings, "dlq", "redrive", by_type["DecodeError"]["id"])
+    assert refused.returncode == 1
+    assert "not redriven: not an Avro single-object frame" in refused.stderr
