@@ -19,8 +19,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
 @pytest.fixture
 def scratch(settings: Settings) -> Iterator[redis.Redis]:
-    """Database 1 of the stack's Redis: the projection worker writes to database 0."""
-    client = redis.Redis.from_url(settings.redis_url, db=1)
+    """Database 15 of the stack's Redis; the projection worker writes to database 0.
+
+    (The URL's database wins over a ``db=`` argument in redis-py, so the URL is rewritten.)
+    """
+    base, _, database = settings.redis_url.rpartition("/")
+    assert database == "0", settings.redis_url
+    client = redis.Redis.from_url(f"{base}/15")
+    assert client.connection_pool.connection_kwargs["db"] == 15
     client.flushdb()
     yield client
     client.flushdb()
