@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import redis
@@ -45,25 +46,56 @@ def test_verify_passes_on_a_healthy_pipeline(settings: Settings, stack: LocalSta
     assert report.decisions >= report.commands - report.dead_letters
 
 
+@dataclass(frozen=True)
+class FaultRun:
+    report: Report
+    in_flight: int  # commands accepted by Kafka but not yet decided when the fault hit
+    recovered_s: float  # from the fault until verify passed (includes finishing the load)
+
+    def line(self, fault: str) -> str:
+        r = self.report
+        return (
+            f"{fault}: {self.in_flight} commands in flight, {r.repeated_events} repeated events,"
+            f" {r.command_repeats} retried commands, {len(r.lost)} lost,"
+            f" {len(r.double_decisions)} double decisions, verified {self.recovered_s:.1f}s after"
+        )
+
+
 def load_with_fault(
     settings: Settings, stack: LocalStack, prefix: str, inject: Callable[[], None]
-) -> tuple[Report, float]:
-    """20,000 orders on 200 SKUs; ``inject`` runs once 2,000 decisions are in the log."""
+) -> FaultRun:
+    """20,000 orders on 200 SKUs, and 500 commands a publisher retries across the fault.
+
+    ``inject`` runs once 2,000 of its commands are decided.
+    """
+    baseline = verify(settings).decisions  # the session's earlier tests share the topics
     publisher = Publisher(settings)
     profile = LoadProfile(orders=20_000, skus=200, hot_skus=10, sku_prefix=prefix, seed=7)
     for sku in profile.sku_names():
         publisher.send(restock(sku, 150))
+    retried = [restock(sku, 1) for sku in profile.sku_names()[:100] for _ in range(5)]
+    for command in retried:
+        publisher.send(command)
     assert publisher.flush(30) == 0
     done: list[LoadReport] = []
     sender = threading.Thread(target=lambda: done.append(run_load(publisher, profile)))
     sender.start()
-    wait_for("some decisions", lambda: verify(settings).decisions > 2_000, timeout_s=120)
+    before = wait_for("2,000 decisions of this load", lambda: decided_beyond(settings, baseline + 2_000), 120)
     injected_at = time.monotonic()
     inject()
     sender.join(300)
     assert done and done[0].acknowledged == 20_000, done and done[0].errors
+    for command in retried:  # the publisher timed out and sends them again, same ids
+        publisher.send(command)
+    assert publisher.flush(60) == 0
     report = quiet_verify(settings, timeout_s=300)
-    return report, time.monotonic() - injected_at
+    assert report.command_repeats >= len(retried)
+    return FaultRun(report, before.commands - before.decisions, time.monotonic() - injected_at)
+
+
+def decided_beyond(settings: Settings, decisions: int) -> Report | None:
+    report = verify(settings)
+    return report if report.decisions > decisions else None
 
 
 def kill_and_restart(stack: LocalStack, kind: str) -> None:
@@ -78,21 +110,21 @@ def kill_and_restart(stack: LocalStack, kind: str) -> None:
 def test_a_processor_killed_mid_load_loses_and_doubles_nothing(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
-    report, recovered_s = load_with_fault(
+    run = load_with_fault(
         settings, stack, unique("KILLP") + "-", lambda: kill_and_restart(stack, "processor")
     )
-    print(f"processor SIGKILL: verified {recovered_s:.1f}s after the kill, {report.summary()}")
-    assert report.problems == []
+    print(run.line("processor SIGKILL"))
+    assert run.report.problems == []
 
 
 def test_a_projection_killed_mid_batch_leaves_redis_equal_to_the_log(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
-    report, recovered_s = load_with_fault(
+    run = load_with_fault(
         settings, stack, unique("KILLR") + "-", lambda: kill_and_restart(stack, "projection")
     )
-    print(f"projection SIGKILL: verified {recovered_s:.1f}s after the kill, {report.summary()}")
-    assert report.problems == []
+    print(run.line("projection SIGKILL"))
+    assert run.report.problems == []
 
 
 def test_a_broker_restart_mid_load_loses_and_doubles_nothing(
@@ -106,9 +138,9 @@ def test_a_broker_restart_mid_load_loses_and_doubles_nothing(
         time.sleep(3)  # clients see the broker gone, not just a blip
         stack.start_kafka()
 
-    report, recovered_s = load_with_fault(settings, stack, unique("BROKER") + "-", restart_broker)
-    print(f"broker restart: verified {recovered_s:.1f}s after the stop, {report.summary()}")
-    assert report.problems == []
+    run = load_with_fault(settings, stack, unique("BROKER") + "-", restart_broker)
+    print(run.line("broker restart"))
+    assert run.report.problems == []
 
 
 def test_redis_losing_all_its_data_mid_load_is_noticed_and_rebuilt(
@@ -117,8 +149,8 @@ def test_redis_losing_all_its_data_mid_load_is_noticed_and_rebuilt(
     def lose_everything() -> None:
         redis.Redis.from_url(settings.redis_url).flushall()
 
-    report, recovered_s = load_with_fault(settings, stack, unique("FLUSH") + "-", lose_everything)
-    print(f"Redis FLUSHALL: verified {recovered_s:.1f}s after the flush, {report.summary()}")
-    assert report.problems == []
+    run = load_with_fault(settings, stack, unique("FLUSH") + "-", lose_everything)
+    print(run.line("Redis FLUSHALL"))
+    assert run.report.problems == []
     log = stack.worker("projection", 1).log_file.read_text()
     assert "Redis lost data" in log  # rebuilt because it noticed, not by chance
