@@ -161,6 +161,7 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         producer_acks=-1,
+        broker_session_timeout=settings.processor_session_timeout_s,
         web_enabled=web_port is not None,
         web_port=web_port or 6066,
     )

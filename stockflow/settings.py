@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     processor_group: str = "stockflow-processor"
     projection_group: str = "stockflow-projection"
 
+    # How long a processor worker may go silent before the group gives its partitions to the
+    # others: after a crash, the survivors (or the restarted worker) wait about this long.
+    processor_session_timeout_s: float = Field(default=20.0, ge=6.0)
+
     # Projection worker: events per poll, and how many order ids "recent orders" keeps per SKU.
     projection_batch_size: int = Field(default=2000, ge=1)
     recent_orders_per_sku: int = Field(default=20, ge=1)
