@@ -1,19 +1,26 @@
 """The processor as a Faust app: commands in, decisions appended to the event log.
 
-Thin wiring around ``processors.domain``: decode -> load the SKU's state from the table ->
-decide -> append events -> save the new state. The table is co-partitioned with the commands
+Thin wiring around ``processors.domain``, one batch of command messages at a time: decode ->
+load each SKU's state from the table -> decide -> send the events -> wait for the broker to
+acknowledge all of them -> save the new state. The table is co-partitioned with the commands
 topic (same partition count, key = SKU), and every event is written to the same partition
 number of the events topic as its command, so a SKU's history stays in one partition.
 
 Processing guarantee: Faust's at-least-once, made exact for decisions.
-- Each event is acknowledged by the broker before the state records its command as applied.
+- A batch's events are acknowledged by the broker before the state records any of its commands
+  as applied: state saying "done" for an event that never reached the log is a lost decision.
+  Waiting once per batch, not once per command, is what makes the processor fast.
 - Everything a command changes is one table, so it goes to one changelog partition in order,
-  the SKU row and the partition's handled offset last: a crash keeps a consistent prefix.
+  the SKU rows and the partition's handled offset last: a crash keeps a consistent prefix, and
+  order lines carry the offsets that wrote them, so a line ahead of its SKU row is ignored.
 - A replayed command already in the state is skipped by offset; one whose state did not
   survive is decided again from the same prior state, giving the same event (same id, same
   version), which every reader drops as a repeat.
+- Retries (the same command id published again) are recognised within a bounded window of
+  recent commands per partition, rebuilt from the commands topic when a worker takes a
+  partition over (``processors.dedupe``).
 - Faust's stream was seen to start past unhandled commands after a worker was SIGKILLed and
-  replaced; the agent notices the jump and reads the missed range from Kafka first.
+  replaced; the handler notices the jump and reads the missed range from Kafka first.
 """
 
 from __future__ import annotations
@@ -21,15 +28,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
-from faust.types import StreamT, TableT, TopicT
+from faust.types import StreamT, TopicT
 
+from processors.dedupe import RecentCommands, decided_command_id
 from processors.domain import OrderLine, Stock, decide, evolve
 from schemas.codec import codec
-from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
+from schemas.records import (
+    CancelOrder,
+    Command,
+    Event,
+    OrderCancelled,
+    OrderProcessed,
+    PlaceOrder,
+    validate_command,
+)
 from stockflow.errors import DecodeError, InvalidCommand
 from stockflow.logreader import Logged, read_range
 from stockflow.partitioning import partition_for
@@ -38,35 +56,133 @@ from stockflow.topics import PROCESSOR_TABLES
 
 log = logging.getLogger(__name__)
 
+# Reads the records of one partition of the commands topic with offsets in [start, end).
+ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
+
 
 def broker_url(bootstrap_servers: str) -> str:
     return ";".join(f"kafka://{server.strip()}" for server in bootstrap_servers.split(","))
 
 
+class StateTable(faust.Table[str, Any]):
+    """A Faust table whose writes name their changelog partition.
+
+    Faust takes the partition from the event being iterated, so a plain table can only be
+    written inside per-event iteration. The processor writes after a whole batch has been
+    acknowledged, so it says which partition each write belongs to.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_partition: int | None = None
+
+    def write(self, partition: int, key: str, value: Any) -> None:
+        self._write_partition = partition
+        try:
+            self[key] = value
+        finally:
+            self._write_partition = None
+
+    def partition_for_key(self, key: Any) -> int | None:
+        if self._write_partition is None:
+            raise TypeError("write state with StateTable.write(partition, key, value)")
+        return self._write_partition
+
+
+@dataclass
+class Working:
+    """One SKU's state while a batch is being decided."""
+
+    stock: Stock
+    partition: int
+    saved_offset: int  # offset of the last command applied, as the table has it
+    offset: int  # offset of the last command applied, including this batch
+
+
+@dataclass
+class Batch:
+    """What a batch of commands changes, held until the broker has acknowledged its events."""
+
+    skus: dict[str, Working] = field(default_factory=dict)
+    lines: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    deliveries: list[Awaitable[Any]] = field(default_factory=list)
+    handled: dict[int, int] = field(default_factory=dict)  # partition -> last offset handled
+
+
 class CommandHandler:
-    """Decides one command message against the table. Table keys:
+    """Decides batches of command messages against the table. Table keys:
 
     - ``s:<sku>``: ``{"available", "version", "offset"}``, offset of the last command applied
-    - ``o:<sku>/<order_id>``: ``{"qty", "cancelled"}``, what a cancel needs
-    - ``c:<command_id>``: offset of the message that was decided; the retry dedupe set. Kept
-      for good: memory grows with the number of distinct command ids (see README).
+    - ``o:<sku>/<order_id>``: ``{"qty", "placed_at", "cancelled_at"}`` (offsets; -1 = not
+      cancelled), what a cancel needs
     - ``p:<partition>``: offset of the last command message handled on that partition
     """
 
     def __init__(
-        self, settings: Settings, table: TableT[str, Any], events: TopicT, dead_letters: TopicT
+        self,
+        settings: Settings,
+        table: StateTable,
+        events: TopicT,
+        dead_letters: TopicT,
+        read_commands: ReadRange,
     ) -> None:
         self.settings = settings
         self.table = table
         self.events = events
         self.dead_letters = dead_letters
+        self.read_commands = read_commands
+        self.recent: dict[int, RecentCommands] = {}
 
-    def handled_up_to(self, partition: int) -> int | None:
-        offset = self.table.get(f"p:{partition}")
-        return None if offset is None else int(offset)
+    async def handle_batch(self, messages: Sequence[Logged]) -> None:
+        """Decide a batch; returns once its events are in the log and its state is saved."""
+        batch = Batch()
+        for partition in sorted({message.partition for message in messages}):
+            await self._take_over_if_needed(partition)
+        for message in messages:
+            recent = self.recent[message.partition]
+            if message.offset <= recent.last_offset:
+                continue  # replayed after a restart; handled before the crash
+            if message.offset > recent.last_offset + 1:
+                await self._repair_gap(message, recent.last_offset + 1, batch)
+            await self._handle(message, batch)
+        await asyncio.gather(*batch.deliveries)
+        self._save(batch)
 
-    async def handle(self, message: Logged) -> None:
-        """Decide one command message; always ends by recording its offset as handled."""
+    async def _take_over_if_needed(self, partition: int) -> None:
+        """Rebuild a partition's retry window unless this worker has handled it all along."""
+        saved = self.table.get(f"p:{partition}")
+        handled = -1 if saved is None else int(saved)
+        recent = self.recent.get(partition)
+        if recent is not None and recent.last_offset == handled:
+            return
+        start = max(0, handled - self.settings.dedupe_window + 1)
+        recent = RecentCommands(self.settings.dedupe_window, last_offset=start - 1)
+        if handled >= start:
+            for message in await self.read_commands(partition, start, handled + 1):
+                recent.handled(message.offset, decided_command_id(message, self.settings.partitions))
+            recent.last_offset = handled  # also when the oldest records are gone by retention
+        self.recent[partition] = recent
+        log.info(
+            "partition %s: resuming after offset %s with %s recent command ids",
+            partition,
+            handled,
+            len(recent),
+        )
+
+    async def _repair_gap(self, message: Logged, start: int, batch: Batch) -> None:
+        # Faust's stream skipped commands nobody had handled (seen after a worker was SIGKILLed
+        # and replaced). Read them from Kafka and handle them first, in order.
+        log.warning(
+            "commands %s[%s] %s..%s were skipped by the stream; handling them now",
+            message.topic,
+            message.partition,
+            start,
+            message.offset - 1,
+        )
+        for missed in await self.read_commands(message.partition, start, message.offset):
+            await self._handle(missed, batch)
+
+    async def _handle(self, message: Logged, batch: Batch) -> None:
         try:
             command = codec.decode_command(message.value)
             validate_command(command)
@@ -78,23 +194,28 @@ class CommandHandler:
                     f" but the SKU belongs on partition {home}: publish with key=SKU and"
                     " Kafka's murmur2 partitioner",
                     "WrongPartition",
+                    batch,
                 )
             else:
-                await self._decide(command, message)
+                await self._decide(command, message, batch)
         except (DecodeError, InvalidCommand) as exc:
-            await self._park(message, str(exc), type(exc).__name__)
-        self.table[f"p:{message.partition}"] = message.offset
+            await self._park(message, str(exc), type(exc).__name__, batch)
+        batch.handled[message.partition] = message.offset
 
-    async def _decide(self, command: Command, message: Logged) -> None:
-        state = self._load(command, message.offset)
-        if state is None:
+    async def _decide(self, command: Command, message: Logged, batch: Batch) -> None:
+        working = batch.skus.get(command.sku) or self._load(command.sku, message.partition)
+        batch.skus[command.sku] = working
+        recent = self.recent[message.partition]
+        if message.offset <= working.saved_offset:
+            recent.handled(message.offset, command.command_id)
             return  # replayed after a restart: its effects and events are already there
-        new_state = state
+        # A command id among the partition's recent commands is a publisher's retry.
+        seen = frozenset({command.command_id}) if command.command_id in recent else frozenset()
+        state = replace(self._with_order_line(working, command), decided=seen)
         for decision in decide(state, command, now_ms=int(time.time() * 1000)):
-            new_state = evolve(new_state, decision)
-            # Wait for the broker's ack before the state records the command as applied:
-            # state saying "done" for an event that never reached the log is a lost decision.
-            delivered = await self.events.send(
+            state = evolve(state, decision)
+            self._remember_line(decision, message.offset, batch)
+            delivery = await self.events.send(
                 key=command.sku.encode(),
                 value=codec.encode(decision),
                 partition=message.partition,
@@ -103,41 +224,58 @@ class CommandHandler:
                     ("correlation_id", decision.correlation_id.encode()),
                 ],
             )
-            await delivered
-        self._save(state, new_state, message.offset)
+            batch.deliveries.append(delivery)
+        recent.handled(message.offset, command.command_id)
+        working.stock = state
+        working.offset = message.offset
 
-    def _load(self, command: Command, offset: int) -> Stock | None:
-        """The SKU's state, or None if this very message was applied before a crash."""
-        row = self.table.get(f"s:{command.sku}") or {"available": 0, "version": 0, "offset": -1}
-        if offset <= row["offset"]:
-            return None
-        order_lines: dict[str, OrderLine] = {}
-        if isinstance(command, (PlaceOrder, CancelOrder)):
-            line = self.table.get(f"o:{command.sku}/{command.order_id}")
-            if line is not None:
-                order_lines[command.order_id] = OrderLine(line["qty"], line["cancelled"])
-        decided_at = self.table.get(f"c:{command.command_id}")
-        # The same id at another offset is a publisher's retry; at this offset it is a replay of
-        # a message whose SKU row did not survive the crash, which must be decided again.
-        retried = decided_at is not None and decided_at != offset
-        seen = frozenset({command.command_id}) if retried else frozenset()
-        return Stock(command.sku, row["available"], row["version"], order_lines, seen)
+    def _load(self, sku: str, partition: int) -> Working:
+        row = self.table.get(f"s:{sku}") or {"available": 0, "version": 0, "offset": -1}
+        stock = Stock(sku, row["available"], row["version"])
+        return Working(stock, partition, saved_offset=row["offset"], offset=row["offset"])
 
-    def _save(self, before: Stock, after: Stock, offset: int) -> None:
-        # Order matters: a crash keeps a prefix of these writes, and the SKU row comes last.
-        for command_id in after.decided - before.decided:
-            self.table[f"c:{command_id}"] = offset
-        for order_id, line in after.orders.items():
-            if before.orders.get(order_id) != line:
-                self.table[f"o:{after.sku}/{order_id}"] = {"qty": line.qty, "cancelled": line.cancelled}
-        self.table[f"s:{after.sku}"] = {
-            "available": after.available,
-            "version": after.version,
-            "offset": offset,
-        }
+    def _with_order_line(self, working: Working, command: Command) -> Stock:
+        """The SKU's state with the command's order line loaded, if it has one."""
+        stock = working.stock
+        if not isinstance(command, (PlaceOrder, CancelOrder)) or command.order_id in stock.orders:
+            return stock
+        saved = self.table.get(f"o:{stock.sku}/{command.order_id}")
+        # A line written after its SKU row was saved belongs to commands that will be decided
+        # again: a crash kept the line but not the row.
+        if saved is None or saved["placed_at"] > working.saved_offset:
+            return stock
+        cancelled = 0 <= saved["cancelled_at"] <= working.saved_offset
+        line = OrderLine(saved["qty"], cancelled)
+        working.stock = replace(stock, orders={**stock.orders, command.order_id: line})
+        return working.stock
 
-    async def _park(self, message: Logged, reason: str, error_type: str) -> None:
-        delivered = await self.dead_letters.send(
+    def _remember_line(self, decision: Event, offset: int, batch: Batch) -> None:
+        if isinstance(decision, OrderProcessed):
+            batch.lines[(decision.sku, decision.order_id)] = {
+                "qty": decision.qty,
+                "placed_at": offset,
+                "cancelled_at": -1,
+            }
+        elif isinstance(decision, OrderCancelled):
+            key = (decision.sku, decision.order_id)
+            line = batch.lines.get(key) or self.table[f"o:{decision.sku}/{decision.order_id}"]
+            batch.lines[key] = {**line, "cancelled_at": offset}
+
+    def _save(self, batch: Batch) -> None:
+        # Order matters: a crash keeps a prefix of these writes per partition, and the SKU rows
+        # and partition offsets come last.
+        for (sku, order_id), line in batch.lines.items():
+            self.table.write(batch.skus[sku].partition, f"o:{sku}/{order_id}", line)
+        for sku, working in batch.skus.items():
+            if working.offset != working.saved_offset:
+                row = {"available": working.stock.available, "version": working.stock.version}
+                self.table.write(working.partition, f"s:{sku}", {**row, "offset": working.offset})
+        for partition, offset in batch.handled.items():
+            self.table.write(partition, f"p:{partition}", offset)
+
+    async def _park(self, message: Logged, reason: str, error_type: str, batch: Batch) -> None:
+        self.recent[message.partition].handled(message.offset, None)
+        delivery = await self.dead_letters.send(
             key=message.key,
             value=message.value,
             headers=[
@@ -148,7 +286,7 @@ class CommandHandler:
                 ("source.offset", str(message.offset).encode()),
             ],
         )
-        await delivered
+        batch.deliveries.append(delivery)
 
 
 def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) -> faust.App:
@@ -169,41 +307,35 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
     def raw_topic(name: str) -> TopicT:
         return app.topic(name, partitions=settings.partitions, key_serializer="raw", value_serializer="raw")
 
-    commands = raw_topic(settings.commands_topic)
+    async def read_commands(partition: int, start: int, end: int) -> list[Logged]:
+        loop = asyncio.get_running_loop()
+        topic = settings.commands_topic
+        return await loop.run_in_executor(None, read_range, settings, topic, partition, start, end)
+
+    # One table, so everything a command changes goes to one changelog partition, in order.
+    # Its changelog topic is created by stockflow.topics.ensure_topics.
+    table = StateTable(
+        app, name=PROCESSOR_TABLES[0], beacon=app.tables.beacon, partitions=settings.partitions, key_type=str
+    )
+    app.tables.add(table)
     handler = CommandHandler(
         settings,
-        # One table, so everything a command changes goes to one changelog partition, in order.
-        # Its changelog topic is created by stockflow.topics.ensure_topics.
-        app.Table(PROCESSOR_TABLES[0], partitions=settings.partitions, key_type=str),
+        table,
         raw_topic(settings.events_topic),
         raw_topic(settings.dlq_topic),
+        read_commands,
     )
 
-    @app.agent(commands)
+    @app.agent(raw_topic(settings.commands_topic))
     async def process(stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            message = event.message
-            handled = handler.handled_up_to(message.partition)
-            if handled is not None and message.offset <= handled:
-                continue  # replayed after a restart; handled before the crash
-            if handled is not None and message.offset > handled + 1:
-                await repair_gap(message.topic, message.partition, handled + 1, message.offset)
-            await handler.handle(
-                Logged(message.topic, message.partition, message.offset, message.key, message.value, {})
-            )
-
-    async def repair_gap(topic: str, partition: int, start: int, end: int) -> None:
-        # Faust's stream skipped commands nobody had handled (seen after a worker was SIGKILLed
-        # and replaced). Read them from Kafka and handle them first, in order.
-        log.warning(
-            "commands %s[%s] %s..%s were skipped by the stream; handling them now",
-            topic,
-            partition,
-            start,
-            end - 1,
+        # take_events is on faust.Stream, the class every agent gets, not on the StreamT protocol.
+        batches = cast(faust.Stream[bytes], stream).take_events(
+            settings.processor_batch_size, within=settings.processor_batch_wait_s
         )
-        loop = asyncio.get_running_loop()
-        for missed in await loop.run_in_executor(None, read_range, settings, topic, partition, start, end):
-            await handler.handle(missed)
+        async for events in batches:
+            messages = [event.message for event in events]
+            await handler.handle_batch(
+                [Logged(m.topic, m.partition, m.offset, m.key, m.value or b"", {}) for m in messages]
+            )
 
     return app

@@ -96,6 +96,7 @@ def read_range(settings: Settings, topic: str, partition: int, start: int, end: 
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": f"stockflow-reader-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",  # start is gone by retention: read what is left
         }
     )
     records: list[Logged] = []

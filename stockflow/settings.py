@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     # others: after a crash, the survivors (or the restarted worker) wait about this long.
     processor_session_timeout_s: float = Field(default=20.0, ge=6.0)
 
+    # Processor: commands decided per batch (one broker round trip each), and how long a batch
+    # waits to fill when commands trickle in (adds at most this much latency).
+    processor_batch_size: int = Field(default=2000, ge=1)
+    processor_batch_wait_s: float = Field(default=0.01, gt=0)
+    # A command id seen among this many earlier commands on its partition is a retry and gets no
+    # new decision. Memory grows with it (about 200 bytes per id); see README.
+    dedupe_window: int = Field(default=50_000, ge=1)
+
     # Projection worker: events per poll, and how many order ids "recent orders" keeps per SKU.
     projection_batch_size: int = Field(default=2000, ge=1)
     recent_orders_per_sku: int = Field(default=20, ge=1)

@@ -1,0 +1,57 @@
+"""The retry window: bounded by offsets, and rebuilt with the processor's own checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from processors.dedupe import RecentCommands, decided_command_id
+from producers.commands import place_order
+from schemas.codec import codec
+from stockflow.logreader import Logged
+from stockflow.partitioning import partition_for
+
+PARTITIONS = 4
+
+
+def test_an_id_stays_for_exactly_size_messages() -> None:
+    recent = RecentCommands(size=3, last_offset=-1)
+    recent.handled(0, "a")
+    recent.handled(1, None)  # a parked message still counts towards the window
+    recent.handled(2, "b")
+    assert "a" in recent and "b" in recent
+    recent.handled(3, "c")
+    assert "a" not in recent
+    assert ("b" in recent, "c" in recent, len(recent)) == (True, True, 2)
+
+
+def test_a_retry_inside_the_window_keeps_the_id_longer() -> None:
+    recent = RecentCommands(size=2, last_offset=-1)
+    recent.handled(0, "a")
+    recent.handled(1, "a")  # the retry
+    recent.handled(2, "b")
+    assert "a" in recent
+    recent.handled(3, "c")
+    assert "a" not in recent and len(recent) == 2
+
+
+def test_memory_is_bounded_by_the_window() -> None:
+    recent = RecentCommands(size=1000, last_offset=-1)
+    for offset in range(100_000):
+        recent.handled(offset, f"command-{offset}")
+    assert len(recent) == 1000
+    assert "command-99000" in recent and "command-98999" not in recent
+
+
+def logged(value: bytes, partition: int) -> Logged:
+    return Logged("stockflow.commands", partition, 0, None, value, {})
+
+
+def test_decided_command_id_parks_what_the_processor_parks() -> None:
+    command = place_order("SKU-7", 2)
+    home = partition_for(b"SKU-7", PARTITIONS)
+    value = codec.encode(command)
+    assert decided_command_id(logged(value, home), PARTITIONS) == command.command_id
+    assert decided_command_id(logged(value, (home + 1) % PARTITIONS), PARTITIONS) is None
+    assert decided_command_id(logged(b"\x00garbage", home), PARTITIONS) is None
+    invalid = codec.encode(dataclasses.replace(command, qty=-1))
+    assert decided_command_id(logged(invalid, home), PARTITIONS) is None
