@@ -8,6 +8,7 @@ from typing import Any
 import redis
 
 from projections.store import (
+    LATENCY_KEY,
     SKUS_KEY,
     STOCK_COUNTERS,
     TOP_KEY,
@@ -69,6 +70,11 @@ class ReadModels:
                 totals[name] += value
         totals["min_available"] = minimum or 0
         return totals
+
+    def latency_histogram(self) -> dict[int, int]:
+        """Command created -> visible here, in ms: bucket -> events (see views.latency_bucket)."""
+        raw: dict[bytes, bytes] = self._redis.hgetall(LATENCY_KEY)  # type: ignore[assignment]
+        return {int(bucket): int(count) for bucket, count in raw.items()}
 
     def watermarks(self) -> dict[int, int]:
         raw: dict[bytes, bytes] = self._redis.hgetall(WATERMARKS_KEY)  # type: ignore[assignment]

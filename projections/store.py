@@ -7,6 +7,8 @@ Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
   sf:top              zset  SKU -> units sold (absolute, so re-writing it is harmless)
   sf:skus             set   every SKU seen
   sf:watermarks       hash  events-topic partition -> last offset applied
+  sf:latency_ms       hash  latency bucket (ms) -> events made visible that long after their
+                            command was created (``projections.views.latency_bucket``)
 
 Every write is guarded by the SKU's event version (or the partition offset), checked inside a
 Lua script on a single key slot, so replaying any part of the log leaves the models unchanged.
@@ -96,6 +98,7 @@ def order_key(order_id: str) -> str:
 TOP_KEY = f"{PREFIX}:top"
 SKUS_KEY = f"{PREFIX}:skus"
 WATERMARKS_KEY = f"{PREFIX}:watermarks"
+LATENCY_KEY = f"{PREFIX}:latency_ms"
 
 
 @dataclass
@@ -154,3 +157,9 @@ class ReadModelStore:
             self._advance_watermarks(keys=[WATERMARKS_KEY], args=args, client=pipe)
         pipe.execute()
         return outcome
+
+    def record_latencies(self, counts: dict[int, int]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for bucket, count in counts.items():
+            pipe.hincrby(LATENCY_KEY, str(bucket), count)
+        pipe.execute()

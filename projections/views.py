@@ -112,3 +112,25 @@ def _supersedes(event: Event, newest: OrderLineStatus | None) -> bool:
     # cancelled order into a rejected one), and a decision the processor repeated after a crash
     # can follow a newer one in the log: only a newer version of a change wins.
     return not isinstance(event, OrderRejected) and newest.version < event.version
+
+
+def latency_bucket(ms: int) -> int:
+    """The histogram bucket of a latency: exact below 100 ms, two significant digits above."""
+    if ms < 100:
+        return max(ms, 0)
+    scale = int(10 ** (len(str(ms)) - 2))
+    return ms // scale * scale
+
+
+def percentile(histogram: dict[int, int], fraction: float) -> int:
+    """The bucket below which ``fraction`` of the recorded latencies fall (0 if none)."""
+    total = sum(histogram.values())
+    if total == 0:
+        return 0
+    rank = fraction * total
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return bucket
+    return max(histogram)

@@ -10,6 +10,8 @@ Committed offsets still move, so operators can see the group's lag with Kafka's 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import redis
@@ -17,7 +19,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 
 from projections.queries import ReadModels
 from projections.store import ReadModelStore
-from projections.views import plan_writes
+from projections.views import latency_bucket, plan_writes
 from schemas.codec import codec
 from schemas.records import Event
 from stockflow.errors import DecodeError
@@ -77,6 +79,7 @@ class ProjectionWorker:
             self._dead_letters.flush(30)  # parked for good before the watermark moves past it
         outcome = self._store.apply(plan_writes(batch))
         self.events_applied += outcome.events
+        self._record_latencies([event for _, _, event in batch if event is not None])
         self._rebuild(outcome.gaps)
         done = {p: offset for p, offset, _ in batch if p not in outcome.gaps}
         self._applied.update(done)
@@ -86,6 +89,11 @@ class ProjectionWorker:
                 asynchronous=True,
             )
         return len(batch)
+
+    def _record_latencies(self, events: list[Event]) -> None:
+        visible_ms = int(time.time() * 1000)
+        counts = Counter(latency_bucket(visible_ms - event.command_occurred_at) for event in events)
+        self._store.record_latencies(counts)
 
     def _lost_watermarks(self) -> set[int]:
         """Partitions this worker wrote whose watermark Redis no longer has (it lost its data).

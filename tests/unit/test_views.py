@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from producers.commands import cancel_order, place_order, restock
-from projections.views import plan_writes
+from projections.views import latency_bucket, percentile, plan_writes
 from tests.history import decided
 
 
@@ -31,3 +31,25 @@ def test_a_repeated_older_decision_does_not_win_over_a_newer_one() -> None:
     replayed = [*events, events[1]]  # the processed event again, after the cancel
     plan = plan_writes([(0, i, e) for i, e in enumerate(replayed)])
     assert plan.order_lines[("o-1", "SKU-1")].version == 3
+
+
+def test_latency_buckets_keep_two_significant_digits() -> None:
+    assert [latency_bucket(ms) for ms in (-3, 0, 7, 99, 100, 123, 1999, 45_678)] == [
+        0,
+        0,
+        7,
+        99,
+        100,
+        120,
+        1900,
+        45_000,
+    ]
+
+
+def test_percentiles_of_a_histogram() -> None:
+    histogram = {1: 50, 2: 40, 10: 9, 500: 1}
+    assert percentile(histogram, 0.5) == 1
+    assert percentile(histogram, 0.9) == 2
+    assert percentile(histogram, 0.99) == 10
+    assert percentile(histogram, 0.999) == 500
+    assert percentile({}, 0.99) == 0
