@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-unit test-integration lint fmt up down status lock clean
+.PHONY: help setup demo test test-unit test-integration bench lint fmt up down status lock clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -41,6 +41,19 @@ test: setup ## All tests: unit, integration and end-to-end (starts its own Kafka
 test-unit: setup ## Unit tests only (no services)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+bench: setup postgresql ## Pipeline vs raw Kafka vs PostgreSQL CRUD; writes .stockflow/bench/REPORT.md (about 10 min)
+	$(BIN)/stockflow bench $(BENCH_ARGS)
+
+.PHONY: postgresql
+postgresql:
+	@command -v pgbench >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ]; then \
+	  echo "Installing PostgreSQL (the CRUD baseline) from Debian's packages..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-contrib >/dev/null; \
+	else \
+	  echo "PostgreSQL not found: run 'sudo apt-get install postgresql postgresql-contrib', then make bench again"; exit 1; \
+	fi
+
 lint: setup ## ruff and mypy --strict; changes nothing
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -61,7 +74,7 @@ status: setup ## Show the stack's processes
 
 lock: ## Re-pin requirements.lock from a fresh resolve of pyproject.toml
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	.lock-venv/bin/pip install --quiet -e '.[dev,bench]'
 	{ echo "# Exact versions of every package stockflow installs (make setup). Regenerate with: make lock"; \
 	  .lock-venv/bin/pip freeze --exclude-editable; } > requirements.lock
 	rm -rf .lock-venv

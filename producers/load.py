@@ -34,6 +34,7 @@ class LoadReport:
     acknowledged: int = 0
     failed: int = 0
     elapsed_s: float = 0.0
+    held_back_s: float = 0.0  # time the publisher waited for the workers to catch up
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -61,6 +62,7 @@ def run_load(
             if len(report.errors) < 10:
                 report.errors.append(str(error))
 
+    waited_before = publisher.admission.waited_s if publisher.admission else 0.0
     started = time.monotonic()
     stop_at = started + profile.duration_s if profile.duration_s > 0 else float("inf")
     for i in range(profile.orders):
@@ -78,6 +80,7 @@ def run_load(
             on_progress(report.sent)
     publisher.flush(60)
     report.elapsed_s = time.monotonic() - started
+    report.held_back_s = (publisher.admission.waited_s if publisher.admission else 0.0) - waited_before
     if on_progress is not None:
         on_progress(report.sent)
     return report

@@ -16,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from schemas.codec import codec
 from schemas.records import Command, validate_command
 from stockflow.errors import StockflowError
+from stockflow.lag import Admission, LagProbe
 from stockflow.settings import Settings
 
 
@@ -36,8 +37,15 @@ DeliveryCallback = Callable[[Command, Receipt | None, PublishError | None], None
 
 
 class Publisher:
+    """Publishes commands; holds them back while the workers lag (``stockflow.lag.Admission``)."""
+
     def __init__(self, settings: Settings, **producer_config: Any) -> None:
         self._settings = settings
+        self._lag: LagProbe | None = None
+        self.admission: Admission | None = None
+        if settings.backpressure_high_water:
+            self._lag = LagProbe(settings)
+            self.admission = Admission(settings, self._worst_lag)
         config: dict[str, Any] = {
             "bootstrap.servers": settings.bootstrap_servers,
             "enable.idempotence": True,
@@ -49,12 +57,25 @@ class Publisher:
         config.update(producer_config)
         self._producer = Producer(config)
 
-    def send(self, command: Command, on_delivery: DeliveryCallback | None = None) -> None:
+    def _worst_lag(self) -> int:
+        assert self._lag is not None
+        return max(group.total for group in self._lag.read())
+
+    def send(
+        self,
+        command: Command,
+        on_delivery: DeliveryCallback | None = None,
+        wait_s: float | None = None,
+    ) -> None:
         """Queue one command; ``on_delivery`` runs from ``poll``/``flush`` once Kafka answers.
 
-        Raises ``InvalidCommand`` before anything is sent if the command breaks the contract.
+        Raises ``InvalidCommand`` before anything is sent if the command breaks the contract,
+        and ``Overloaded`` if the workers are too far behind and have not caught up within
+        ``wait_s`` (default STOCKFLOW_BACKPRESSURE_MAX_WAIT_S; 0 = do not wait).
         """
         validate_command(command)
+        if self.admission is not None:
+            self.admission.admit(self._settings.backpressure_max_wait_s if wait_s is None else wait_s)
 
         def delivered(error: KafkaError | None, message: Message) -> None:
             if on_delivery is None:
@@ -81,10 +102,10 @@ class Publisher:
                 self._producer.poll(0.1)  # local queue full: wait for deliveries, then retry
         self._producer.poll(0)
 
-    def publish(self, command: Command, timeout_s: float = 30.0) -> Receipt:
+    def publish(self, command: Command, timeout_s: float = 30.0, wait_s: float | None = None) -> Receipt:
         """Send one command and wait until Kafka has acknowledged it."""
         outcome: list[Receipt | PublishError] = []
-        self.send(command, lambda _cmd, receipt, error: outcome.append(receipt or error))  # type: ignore[arg-type]
+        self.send(command, lambda _cmd, receipt, error: outcome.append(receipt or error), wait_s)  # type: ignore[arg-type]
         self.flush(timeout_s)
         if not outcome:
             raise PublishError(
@@ -104,3 +125,8 @@ class Publisher:
             return self._producer.flush(timeout_s)
         except KafkaException as exc:
             raise PublishError(f"flush failed: {exc}") from exc
+
+    def close(self) -> None:
+        self.flush()
+        if self._lag is not None:
+            self._lag.close()

@@ -10,6 +10,8 @@ Committed offsets still move, so operators can see the group's lag with Kafka's 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +43,9 @@ class ProjectionWorker:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "enable.partition.eof": False,
+                "client.id": f"stockflow-projection-{socket.gethostname()}-{os.getpid()}",
+                # A dead worker's partitions go to the others after this long (default 45 s).
+                "session.timeout.ms": int(settings.projection_session_timeout_s * 1000),
             }
         )
         self._dead_letters = Producer(
@@ -63,7 +68,11 @@ class ProjectionWorker:
 
     def poll_once(self, timeout_s: float) -> int:
         self._rebuild(self._lost_watermarks())
-        messages = self._consumer.consume(self._settings.projection_batch_size, timeout_s)
+        # consume(n, timeout) waits for a full batch; wait only for the first event, then take
+        # what has already been fetched, so a trickle of events is not held back.
+        messages = self._consumer.consume(1, timeout_s)
+        if messages and self._settings.projection_batch_size > 1:
+            messages += self._consumer.consume(self._settings.projection_batch_size - 1, 0)
         batch: list[tuple[int, int, Event | None]] = []
         for message in messages:
             error = message.error()

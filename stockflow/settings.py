@@ -42,9 +42,19 @@ class Settings(BaseSettings):
     # new decision. Memory grows with it (about 200 bytes per id); see README.
     dedupe_window: int = Field(default=50_000, ge=1)
 
-    # Projection worker: events per poll, and how many order ids "recent orders" keeps per SKU.
+    # Projection worker: how long a dead one holds its partitions, events per poll, and how
+    # many order ids "recent orders" keeps per SKU.
+    projection_session_timeout_s: float = Field(default=10.0, ge=6.0)
     projection_batch_size: int = Field(default=2000, ge=1)
     recent_orders_per_sku: int = Field(default=20, ge=1)
+
+    # Backpressure: publishers hold commands back once the processor or projection group is
+    # this many messages behind, until it is below the low-water mark again; a caller that
+    # cannot wait gets Overloaded with a retry-after. High-water 0 turns it off.
+    backpressure_high_water: int = Field(default=100_000, ge=0)
+    backpressure_low_water: int = Field(default=20_000, ge=0)
+    backpressure_refresh_s: float = Field(default=0.5, gt=0)  # how stale the lag may be
+    backpressure_max_wait_s: float = Field(default=30.0, ge=0)
 
     # Local stack (no Docker): jar cache, data, logs and pid files live under these folders.
     cache_dir: Path = Path(".stockflow/cache")
@@ -57,6 +67,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_endpoints(self) -> Settings:
+        if self.backpressure_high_water and self.backpressure_low_water >= self.backpressure_high_water:
+            raise ValueError(
+                f"STOCKFLOW_BACKPRESSURE_LOW_WATER ({self.backpressure_low_water}) must be below"
+                f" STOCKFLOW_BACKPRESSURE_HIGH_WATER ({self.backpressure_high_water})"
+            )
         # Frozen model: fill derived defaults through object.__setattr__ once, at construction.
         if not self.bootstrap_servers:
             object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.kafka_port}")

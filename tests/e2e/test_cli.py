@@ -50,6 +50,8 @@ def stockflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str
         ["query", "totals"],
         ["demo"],
         ["verify"],
+        ["status"],
+        ["bench"],
         ["dlq", "list"],
         ["dlq", "redrive"],
     ],
@@ -149,3 +151,18 @@ def test_a_dead_letter_is_listed_and_a_repaired_one_is_redriven(
     refused = stockflow(settings, "dlq", "redrive", by_type["DecodeError"]["id"])
     assert refused.returncode == 1
     assert "not redriven: not an Avro single-object frame" in refused.stderr
+
+
+def test_status_json_reports_the_lag_of_every_partition_of_both_groups(
+    settings: Settings, stack: LocalStack
+) -> None:
+    result = stockflow(settings, "status", "--once", "--json")
+    assert result.returncode == 0, result.stderr
+    groups = json.loads(result.stdout)["groups"]
+    assert set(groups) == {settings.processor_group, settings.projection_group}
+    for group in groups.values():
+        assert len(group["partitions"]) == settings.partitions
+        assert group["total"] == sum(group["partitions"].values())
+    table = stockflow(settings, "status", "--once")
+    assert table.returncode == 0, table.stderr
+    assert settings.projection_group in table.stdout and "held by" in table.stdout

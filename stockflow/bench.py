@@ -1,0 +1,534 @@
+"""`stockflow bench`: the pipeline against raw Kafka and a CRUD database, one box, one run.
+
+Per workload (uniform SKUs, and hot SKUs: 80% of orders on 10 of them), on a private stack:
+1. raw Kafka: confluent-kafka produce (acks=all) and consume of command-sized messages;
+2. ingest: commands published and acknowledged (acks=all) with the workers stopped;
+3. backlog: the workers start and decide that backlog; its drain rate;
+4. end to end: the same number of commands again, published at full speed with the workers
+   running, until every decision is visible in Redis; lag is sampled throughout;
+5. latency: the load offered at fractions of the end-to-end rate, and the projection's
+   command-created -> visible-in-Redis histogram;
+6. replay: a fresh projection group folds the whole event log into an empty Redis database;
+7. CRUD: the same orders as PostgreSQL transactions, with pgbench and from Python.
+Writes results.json, REPORT.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+
+from producers.commands import place_order, restock
+from producers.load import LoadProfile, run_load
+from producers.publisher import Publisher
+from projections.queries import ReadModels
+from projections.store import LATENCY_KEY
+from projections.views import percentile
+from projections.worker import ProjectionWorker
+from schemas.codec import codec
+from stockflow.crud import DURABILITY as CRUD_DURABILITY
+from stockflow.crud import Postgres, Workload
+from stockflow.errors import StackError
+from stockflow.logreader import LogEnds
+from stockflow.settings import Settings
+from stockflow.stack import LocalStack
+from stockflow.topics import admin_client, ensure_topics
+
+Say = Callable[[str], None]
+
+PIPELINE_DURABILITY = (
+    "acks=all on every produce (commands, events, state changelog) to one broker that, like"
+    " Kafka's default, leaves fsync to the OS: an acknowledged command survives a process crash,"
+    " not a power loss; a multi-broker cluster with min.insync.replicas=2 survives a machine"
+)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    out_dir: Path
+    json_path: Path
+    orders: int = 100_000  # per phase: raw, ingest, end to end
+    skus: int = 1000
+    latency_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    latency_duration_s: float = 10.0
+    crud_clients: int = 4
+    crud_duration_s: int = 15
+    workloads: tuple[str, ...] = ("uniform", "hot")
+
+
+WORKLOADS = {"uniform": Workload(1000, 0, 0.8), "hot": Workload(1000, 10, 0.8)}
+REPLAY_REDIS_DB = 9  # workloads use databases 1, 2, ...; the replay folds into an empty one
+
+
+@dataclass
+class LagSample:
+    t: float  # seconds since the phase started
+    published: int  # commands in the log
+    decided: int  # events in the log
+    visible: int  # events applied to Redis
+
+
+class Counts:
+    """Where a workload's pipeline stands: commands published, events decided, events visible."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ends = LogEnds(settings)
+        self.models = ReadModels(redis.Redis.from_url(settings.redis_url))
+
+    def sample(self, t: float) -> LagSample:
+        visible = sum(offset + 1 for offset in self.models.watermarks().values())
+        published = self.ends.total(self.settings.commands_topic)
+        return LagSample(t, published, self.ends.total(self.settings.events_topic), visible)
+
+    def close(self) -> None:
+        self.ends.close()
+
+
+class Sampler:
+    """Samples lag every ``interval_s`` in a thread, from start() until stop()."""
+
+    def __init__(self, counts: Counts, interval_s: float = 0.5) -> None:
+        self.counts = counts
+        self.interval_s = interval_s
+        self.samples: list[LagSample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = 0.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.counts.sample(time.monotonic() - self._started))
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> Sampler:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[LagSample]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def wait_visible(counts: Counts, events: int, what: str, say: Say, timeout_s: float = 600) -> float:
+    """Wait until ``events`` events are visible in Redis; returns the monotonic time it happened."""
+    deadline = time.monotonic() + timeout_s
+    last_said = 0.0
+    while True:
+        now = time.monotonic()
+        visible = sum(offset + 1 for offset in counts.models.watermarks().values())
+        if visible >= events:
+            return now
+        if now > deadline:
+            raise StackError(
+                f"{what}: only {visible:,} of {events:,} events visible in Redis after"
+                f" {timeout_s:.0f}s; see the worker logs under {counts.settings.run_dir / 'logs'}"
+            )
+        if now - last_said > 5:
+            say(f"  {what}: {visible:,}/{events:,} events visible")
+            last_said = now
+        time.sleep(0.05)
+
+
+def workload_settings(base: Settings, run: str, name: str, redis_db: int) -> Settings:
+    prefix = f"bench-{run}.{name}"
+    redis_url = f"redis://127.0.0.1:{base.redis_port}/{redis_db}"
+    return Settings(
+        **{
+            **base.model_dump(),
+            "commands_topic": f"{prefix}.commands",
+            "events_topic": f"{prefix}.events",
+            "dlq_topic": f"{prefix}.commands.dlq",
+            "events_dlq_topic": f"{prefix}.events.dlq",
+            "processor_group": f"{prefix}.processor",
+            "projection_group": f"{prefix}.projection",
+            "redis_url": redis_url,
+        }
+    )
+
+
+def raw_kafka(settings: Settings, workload: Workload, count: int, say: Say) -> dict[str, float]:
+    """confluent-kafka alone: produce (acks=all, as the publisher) and consume ``count`` messages."""
+    topic = f"{settings.commands_topic}.raw"
+    admin = admin_client(settings)
+    admin.create_topics([NewTopic(topic, settings.partitions, settings.replication_factor)])[topic].result()
+    time.sleep(1)  # leaders
+    size = len(codec.encode(place_order("SKU-00000", 1)))
+    rng = random.Random(1)
+    keys = [f"SKU-{workload.pick_sku(rng):05d}".encode() for _ in range(10_000)]
+    value = os.urandom(size)
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+    )
+    started = time.monotonic()
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(topic, key=keys[i % len(keys)], value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % 1000 == 0:
+            producer.poll(0)
+    producer.flush(60)
+    produced = count / (time.monotonic() - started)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"bench-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(settings.partitions)])
+    started = time.monotonic()
+    seen = 0
+    while seen < count:
+        seen += sum(1 for m in consumer.consume(10_000, 1.0) if m.error() is None)
+        if time.monotonic() - started > 120:
+            raise StackError(f"raw consume stalled at {seen:,} of {count:,} messages")
+    consumed = count / (time.monotonic() - started)
+    consumer.close()
+    say(f"  raw Kafka: produce {produced:,.0f} msg/s, consume {consumed:,.0f} msg/s ({size} B each)")
+    return {"produce_msgs_per_s": produced, "consume_msgs_per_s": consumed, "message_bytes": size}
+
+
+def publish_orders(publisher: Publisher, workload: Workload, orders: int, rate: float, seed: int) -> float:
+    """Publish orders (acks=all); returns the acknowledged commands per second.
+
+    The publisher is reused across phases: a new one spends its first half second getting an
+    idempotent producer id, which would show up as latency.
+    """
+    profile = LoadProfile(
+        orders=orders,
+        rate=rate,
+        skus=workload.skus,
+        hot_skus=workload.hot_skus,
+        hot_share=workload.hot_share,
+        seed=seed,
+    )
+    report = run_load(publisher, profile)
+    if report.failed:
+        raise StackError(f"{report.failed} commands were not acknowledged: {report.errors[:3]}")
+    return report.rate
+
+
+def replay(settings: Settings, expected: int, say: Say) -> float:
+    """Events per second folded from the event log into an empty Redis database by one worker."""
+    fresh = Settings(
+        **{
+            **settings.model_dump(),
+            "projection_group": f"{settings.projection_group}.replay-{uuid.uuid4().hex[:6]}",
+        }
+    )
+    redis.Redis.from_url(fresh.redis_url).flushdb()
+    worker = ProjectionWorker(fresh)
+    models = ReadModels(redis.Redis.from_url(fresh.redis_url))
+    started = time.monotonic()
+    stop_at = started + 600
+    visible = 0
+
+    def done() -> bool:
+        nonlocal visible
+        visible = sum(offset + 1 for offset in models.watermarks().values())
+        return visible >= expected or time.monotonic() > stop_at
+
+    worker.run(should_stop=done)
+    elapsed = time.monotonic() - started
+    if visible < expected:
+        raise StackError(f"replay: {visible:,} of {expected:,} events after {elapsed:.0f}s")
+    rate = expected / elapsed
+    say(f"  replay: {expected:,} events in {elapsed:.1f}s = {rate:,.0f} events/s")
+    return rate
+
+
+def latency_run(
+    publisher: Publisher, workload: Workload, counts: Counts, orders: int, rate: float, total: int, say: Say
+) -> dict[str, float]:
+    """Offer ``orders`` at ``rate``; percentiles of command created -> visible in Redis."""
+    redis.Redis.from_url(counts.settings.redis_url).delete(LATENCY_KEY)
+    publish_orders(publisher, workload, orders, rate, seed=3)
+    wait_visible(counts, total, f"latency at {rate:,.0f}/s", say)
+    histogram = counts.models.latency_histogram()
+    point = {
+        "offered_per_s": rate,
+        "p50": percentile(histogram, 0.5),
+        "p99": percentile(histogram, 0.99),
+        "p999": percentile(histogram, 0.999),
+    }
+    say(f"  latency at {rate:,.0f}/s: p50 {point['p50']} ms, p99 {point['p99']} ms, p99.9 {point['p999']} ms")
+    return point
+
+
+def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Say) -> dict[str, Any]:
+    workload = WORKLOADS[name]
+    result: dict[str, Any] = {"workload": {"skus": workload.skus, "hot_skus": workload.hot_skus}}
+    ensure_topics(settings)
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    counts = Counts(settings)
+    workers = LocalStack(settings, say=lambda _m: None)
+    try:
+        raw = raw_kafka(settings, workload, options.orders, say)
+        result["raw_kafka"] = raw
+        result["raw_kafka_msgs_per_s"] = min(raw["produce_msgs_per_s"], raw["consume_msgs_per_s"])
+
+        # Plenty of stock, so every order is processed, as in the CRUD baseline. Backpressure
+        # off: these phases measure how fast commands can go in, backlog or not.
+        publisher = Publisher(Settings(**{**settings.model_dump(), "backpressure_high_water": 0}))
+        for sku in LoadProfile(orders=0, skus=workload.skus).sku_names():
+            publisher.send(restock(sku, 1_000_000_000))
+        publisher.flush(60)
+        result["ingest_commands_per_s"] = publish_orders(publisher, workload, options.orders, 0, seed=1)
+        say(f"  ingest (workers stopped): {result['ingest_commands_per_s']:,.0f} commands/s acknowledged")
+
+        sampler = Sampler(counts).start()
+        workers.start_workers("processor", 1)
+        workers.start_workers("projection", 1)
+        backlog = workload.skus + options.orders
+        wait_visible(counts, backlog, "backlog", say)
+        samples = sampler.stop()
+        moving = [s for s in samples if s.visible > 0]
+        drain = (moving[-1].visible - moving[0].visible) / max(moving[-1].t - moving[0].t, 1e-9)
+        result["backlog_commands_per_s"] = drain
+        say(f"  backlog of {backlog:,} drained at {drain:,.0f} commands/s (from the first visible event)")
+
+        sampler = Sampler(counts).start()
+        started = time.monotonic()
+        publish_orders(publisher, workload, options.orders, 0, seed=2)
+        visible_at = wait_visible(counts, backlog + options.orders, "end to end", say)
+        result["e2e_commands_per_s"] = options.orders / (visible_at - started)
+        result["e2e_lag"] = [dataclasses.asdict(s) for s in sampler.stop()]
+        say(f"  end to end: {result['e2e_commands_per_s']:,.0f} commands/s decided and visible in Redis")
+
+        total = backlog + options.orders
+        latency = []
+        for fraction in options.latency_fractions:
+            rate = fraction * result["e2e_commands_per_s"]
+            orders = max(int(rate * options.latency_duration_s), 1)
+            total += orders
+            latency.append(latency_run(publisher, workload, counts, orders, rate, total, say))
+            latency[-1]["fraction"] = fraction
+        result["latency"] = latency
+        half = min(latency, key=lambda p: abs(p["fraction"] - 0.5))
+        result["latency_ms_at_half_load"] = {k: half[k] for k in ("p50", "p99", "p999")}
+    finally:
+        for kind in ("processor", "projection"):
+            workers.worker(kind, 1).stop()
+        counts.close()
+    replay_redis = f"redis://127.0.0.1:{settings.redis_port}/{REPLAY_REDIS_DB}"
+    replay_settings = Settings(**{**settings.model_dump(), "redis_url": replay_redis})
+    result["replay_events_per_s"] = replay(replay_settings, total, say)
+    return result
+
+
+def bench_crud(options: BenchOptions, say: Say) -> dict[str, dict[str, float]]:
+    postgres = Postgres(options.out_dir / "postgres", port=_free_port())
+    say("PostgreSQL: starting a private cluster")
+    postgres.start()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for name in options.workloads:
+            workload = WORKLOADS[name]
+            postgres.load(workload.skus, 1_000_000_000)
+            tps = postgres.pgbench(workload, options.crud_clients, options.crud_duration_s)
+            say(f"  {name}: pgbench {tps:,.0f} orders/s ({options.crud_clients} clients)")
+            postgres.load(workload.skus, 1_000_000_000)
+            python = postgres.python_service(workload, options.crud_clients, options.crud_duration_s)
+            say(f"  {name}: Python service {python:,.0f} orders/s ({options.crud_clients} processes)")
+            results[name] = {"crud_pgbench_tps": tps, "crud_python_tps": python}
+    finally:
+        postgres.stop()
+    return results
+
+
+def run_bench(base: Settings, options: BenchOptions, say: Say = print) -> dict[str, Any]:
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        **{
+            **base.model_dump(exclude={"bootstrap_servers", "redis_url"}),
+            "run_dir": options.out_dir / "run",
+            "kafka_port": _free_port(),
+            "kafka_controller_port": _free_port(),
+            "redis_port": _free_port(),
+        }
+    )
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kafka": settings.kafka_version,
+            "platform": platform.platform(),
+        },
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()},
+        "settings": {
+            "partitions": settings.partitions,
+            "processor_batch_size": settings.processor_batch_size,
+            "processor_batch_wait_s": settings.processor_batch_wait_s,
+            "projection_batch_size": settings.projection_batch_size,
+            "workers": "1 processor, 1 projection",
+        },
+        "durability": {"pipeline": PIPELINE_DURABILITY, "crud": CRUD_DURABILITY},
+        "workloads": {},
+    }
+    crud = bench_crud(options, say)
+    stack = LocalStack(settings, say=say)
+    run = uuid.uuid4().hex[:6]
+    try:
+        say("Starting a private Kafka broker and Redis for the benchmark")
+        stack.up()
+        for db, name in enumerate(options.workloads, start=1):
+            say(f"Workload {name}:")
+            pipeline = bench_pipeline(options, name, workload_settings(settings, run, name, db), say)
+            results["workloads"][name] = {**pipeline, **crud[name]}
+    finally:
+        stack.down()
+    options.json_path.parent.mkdir(parents=True, exist_ok=True)
+    options.json_path.write_text(json.dumps(results, indent=2) + "\n")
+    (options.out_dir / "REPORT.md").write_text(report_markdown(results))
+    plot(results, options.out_dir)
+    return results
+
+
+TARGETS = {
+    "e2e_commands_per_s": 50_000,
+    "replay_events_per_s": 200_000,
+}
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    """The report: one table per workload, ratios against CRUD, durability of each side."""
+    machine = results["machine"]
+    lines = [
+        "# stockflow benchmark",
+        "",
+        f"{machine['cpus']} CPUs, Python {machine['python']}, Apache Kafka {machine['kafka']};"
+        f" settings: {json.dumps(results['settings'])}.",
+        "",
+    ]
+    for name, w in results["workloads"].items():
+        half = w["latency_ms_at_half_load"]
+        lines += [
+            f"## Workload: {name} ({w['workload']['skus']} SKUs, hot SKUs: {w['workload']['hot_skus']})",
+            "",
+            "| figure | value | target |",
+            "| --- | ---: | ---: |",
+            f"| raw Kafka (min of produce, consume), msgs/s | {w['raw_kafka_msgs_per_s']:,.0f} | |",
+            f"| ingest (acks=all), commands/s | {w['ingest_commands_per_s']:,.0f} | |",
+            f"| backlog drain, commands/s | {w['backlog_commands_per_s']:,.0f} | |",
+            f"| end to end (decided and visible in Redis), commands/s | {w['e2e_commands_per_s']:,.0f}"
+            f" | {TARGETS['e2e_commands_per_s']:,} |",
+            f"| latency at half load p50 / p99 / p99.9, ms | {half['p50']} / {half['p99']} / {half['p999']}"
+            " | p99 <= 50 |",
+            f"| replay into an empty read model, events/s | {w['replay_events_per_s']:,.0f}"
+            f" | {TARGETS['replay_events_per_s']:,} |",
+            f"| CRUD, pgbench, orders/s | {w['crud_pgbench_tps']:,.0f} | |",
+            f"| CRUD, Python service, orders/s | {w['crud_python_tps']:,.0f} | |",
+            f"| **end to end / pgbench** | **{w['e2e_commands_per_s'] / w['crud_pgbench_tps']:.2f}x** |"
+            f" {'5x' if name == 'hot' else ''} |",
+            f"| end to end / Python service | {w['e2e_commands_per_s'] / w['crud_python_tps']:.2f}x | |",
+            f"| ingest / pgbench | {w['ingest_commands_per_s'] / w['crud_pgbench_tps']:.2f}x | |",
+            "",
+            "| offered load | offered/s | p50 ms | p99 ms | p99.9 ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {p['fraction']:.0%} | {p['offered_per_s']:,.0f} | {p['p50']} | {p['p99']} | {p['p999']} |"
+            for p in w["latency"]
+        ]
+        lines.append("")
+    lines += [
+        "## Durability",
+        "",
+        f"- Pipeline: {results['durability']['pipeline']}.",
+        f"- CRUD: {results['durability']['crud']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["workloads"])
+    figures = [
+        ("raw Kafka", "raw_kafka_msgs_per_s"),
+        ("ingest", "ingest_commands_per_s"),
+        ("end to end", "e2e_commands_per_s"),
+        ("replay", "replay_events_per_s"),
+        ("pgbench", "crud_pgbench_tps"),
+        ("Python CRUD", "crud_python_tps"),
+    ]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [results["workloads"][name][key] for _, key in figures]
+        ax.bar([x + i * width for x in range(len(figures))], values, width, label=name)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(figures))], [f for f, _ in figures])
+    ax.set_yscale("log")
+    ax.set_ylabel("per second (log scale)")
+    ax.set_title("Throughput: stockflow vs raw Kafka vs PostgreSQL CRUD")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "throughput.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        points = results["workloads"][name]["latency"]
+        for key, style in (("p50", "-o"), ("p99", "--s")):
+            ax.plot(
+                [p["offered_per_s"] for p in points], [p[key] for p in points], style, label=f"{name} {key}"
+            )
+    ax.set_xlabel("offered commands/s")
+    ax.set_ylabel("command created -> visible in Redis, ms")
+    ax.set_title("Latency against offered load")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in names:
+        samples = results["workloads"][name]["e2e_lag"]
+        t = [s["t"] for s in samples]
+        ax.plot(t, [s["published"] - s["decided"] for s in samples], label=f"{name}: processor lag")
+        ax.plot(t, [s["decided"] - s["visible"] for s in samples], "--", label=f"{name}: projection lag")
+    ax.set_xlabel("seconds into the end-to-end run")
+    ax.set_ylabel("messages behind")
+    ax.set_title("Lag over time, end-to-end run")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "lag.png", dpi=110)
+    plt.close(fig)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

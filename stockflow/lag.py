@@ -1,0 +1,170 @@
+"""Consumer lag of the processor and projection groups, and the admission control built on it.
+
+Lag of a partition = its end offset - the group's committed offset. The processor (Faust)
+commits every few seconds and the projection after every batch, so the figure is at most that
+stale. Reading it costs two small requests per group; publishers cache it for
+``STOCKFLOW_BACKPRESSURE_REFRESH_S``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from stockflow.errors import StackError, StockflowError
+from stockflow.settings import Settings
+
+
+@dataclass(frozen=True)
+class GroupLag:
+    group: str
+    topic: str
+    partitions: dict[int, int]  # partition -> messages not yet committed by the group
+    consumed: int  # messages committed by the group, all partitions: for rates
+
+    @property
+    def total(self) -> int:
+        return sum(self.partitions.values())
+
+    def as_json(self) -> dict[str, object]:
+        return {"topic": self.topic, "partitions": self.partitions, "total": self.total}
+
+
+class LagProbe:
+    """Reads the lag of the processor group (commands) and the projection group (events)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._groups = {
+            settings.processor_group: settings.commands_topic,
+            settings.projection_group: settings.events_topic,
+        }
+        # One consumer per group, never subscribed: it only asks the group coordinator for the
+        # committed offsets, so it neither joins the group nor commits anything.
+        self._consumers = {
+            group: Consumer(
+                {
+                    "bootstrap.servers": settings.bootstrap_servers,
+                    "group.id": group,
+                    "enable.auto.commit": False,
+                    "client.id": f"stockflow-lag-{uuid.uuid4().hex[:6]}",
+                }
+            )
+            for group in self._groups
+        }
+        self._admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+
+    def read(self, timeout_s: float = 5.0) -> list[GroupLag]:
+        try:
+            return [self._group_lag(group, topic, timeout_s) for group, topic in self._groups.items()]
+        except KafkaException as exc:
+            raise StackError(
+                f"cannot read consumer lag from Kafka at {self._settings.bootstrap_servers}: {exc};"
+                " is the stack up (`stockflow stack status`)?"
+            ) from exc
+
+    def _group_lag(self, group: str, topic: str, timeout_s: float) -> GroupLag:
+        consumer = self._consumers[group]
+        wanted = [TopicPartition(topic, p) for p in range(self._settings.partitions)]
+        lags = {}
+        consumed = 0
+        for tp in consumer.committed(wanted, timeout=timeout_s):
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+            committed = tp.offset if tp.offset >= 0 else low  # nothing committed yet
+            lags[tp.partition] = max(high - committed, 0)
+            consumed += committed
+        return GroupLag(group, topic, lags, consumed)
+
+    def assignments(self, timeout_s: float = 10.0) -> dict[str, dict[int, str]]:
+        """Per group, which member (its client id) holds each partition.
+
+        A group that does not answer in time (it may be rebalancing) shows no holders.
+        """
+        held: dict[str, dict[int, str]] = {group: {} for group in self._groups}
+        described = self._admin.describe_consumer_groups(list(self._groups), request_timeout=timeout_s)
+        for group, future in described.items():
+            try:
+                members = future.result().members
+            except KafkaException:
+                continue
+            for member in members:
+                name = member.client_id  # stockflow workers use <kind>-<host>-<pid>: unique
+                for tp in member.assignment.topic_partitions if member.assignment else []:
+                    if tp.topic == self._groups[group]:  # not the table's changelog, say
+                        held[group][tp.partition] = name
+        return held
+
+    def close(self) -> None:
+        for consumer in self._consumers.values():
+            consumer.close()
+
+
+class Overloaded(StockflowError):
+    """The pipeline is too far behind to take more commands now; nothing was sent."""
+
+    def __init__(self, lag: int, high_water: int, retry_after_ms: int) -> None:
+        super().__init__(
+            f"overloaded: the workers are {lag:,} messages behind (high-water mark {high_water:,},"
+            f" STOCKFLOW_BACKPRESSURE_HIGH_WATER); retry after {retry_after_ms} ms"
+        )
+        self.lag = lag
+        self.retry_after_ms = retry_after_ms
+
+
+class Admission:
+    """Admission control with hysteresis: closed once lag reaches the high-water mark, open
+    again only below the low-water mark, so publishers do not flap around one threshold."""
+
+    def __init__(self, settings: Settings, read_lag: Callable[[], int]) -> None:
+        self.high_water = settings.backpressure_high_water
+        self.low_water = settings.backpressure_low_water
+        self.refresh_s = settings.backpressure_refresh_s
+        self._read_lag = read_lag
+        self.closed = False
+        self.lag = 0
+        self.waited_s = 0.0  # total time callers were held back
+        self._read_at = -float("inf")
+        self._previous: tuple[float, int] | None = None
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._read_at < self.refresh_s:
+            return
+        self._previous = (self._read_at, self.lag)
+        self._read_at, self.lag = now, self._read_lag()
+        if self.closed and self.lag < self.low_water:
+            self.closed = False
+        elif not self.closed and self.lag >= self.high_water:
+            self.closed = True
+
+    def retry_after_ms(self) -> int:
+        """How long until the lag is below the low-water mark, at the rate it last fell."""
+        default = int(self.refresh_s * 1000)
+        if self._previous is None:
+            return default
+        then, lag_then = self._previous
+        falling_per_s = (lag_then - self.lag) / max(self._read_at - then, 1e-3)
+        if falling_per_s <= 0:
+            return max(default, 1000)
+        return max(default, int((self.lag - self.low_water) / falling_per_s * 1000))
+
+    def admit(self, wait_s: float) -> None:
+        """Return when a command may be sent; raise Overloaded after waiting ``wait_s``."""
+        self._refresh()
+        if not self.closed:
+            return
+        deadline = time.monotonic() + wait_s
+        started = time.monotonic()
+        try:
+            while self.closed:
+                if time.monotonic() >= deadline:
+                    raise Overloaded(self.lag, self.high_water, self.retry_after_ms())
+                time.sleep(min(self.refresh_s, max(deadline - time.monotonic(), 0)))
+                self._refresh()
+        finally:
+            self.waited_s += time.monotonic() - started

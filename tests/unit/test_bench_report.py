@@ -1,0 +1,36 @@
+"""The benchmark report: its ratios come from the measured figures, not from the page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stockflow.bench import report_markdown
+
+
+def workload(e2e: float, pgbench: float) -> dict[str, Any]:
+    return {
+        "workload": {"skus": 1000, "hot_skus": 10},
+        "raw_kafka_msgs_per_s": 100_000.0,
+        "ingest_commands_per_s": 40_000.0,
+        "backlog_commands_per_s": 5_000.0,
+        "e2e_commands_per_s": e2e,
+        "latency": [{"fraction": 0.5, "offered_per_s": e2e / 2, "p50": 20, "p99": 70, "p999": 90}],
+        "latency_ms_at_half_load": {"p50": 20, "p99": 70, "p999": 90},
+        "replay_events_per_s": 30_000.0,
+        "crud_pgbench_tps": pgbench,
+        "crud_python_tps": 3_000.0,
+    }
+
+
+def test_the_report_states_each_ratio_and_both_sides_durability() -> None:
+    results = {
+        "machine": {"cpus": 2, "python": "3.11", "kafka": "4.1.1"},
+        "settings": {"partitions": 12},
+        "durability": {"pipeline": "acks=all", "crud": "fsync=on"},
+        "workloads": {"hot": workload(e2e=6_000.0, pgbench=4_000.0)},
+    }
+    report = report_markdown(results)
+    assert "| **end to end / pgbench** | **1.50x** | 5x |" in report
+    assert "| end to end / Python service | 2.00x | |" in report
+    assert "| 50% | 3,000 | 20 | 70 | 90 |" in report
+    assert "- Pipeline: acks=all." in report and "- CRUD: fsync=on." in report
