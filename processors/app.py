@@ -50,6 +50,7 @@ from schemas.records import (
     PlaceOrder,
     validate_command,
 )
+from stockflow import metrics
 from stockflow.errors import DecodeError, InvalidCommand
 from stockflow.logreader import Logged, read_range
 from stockflow.partitioning import partition_for
@@ -208,8 +209,13 @@ class CommandHandler:
             return  # replayed after a restart: its effects and events are already there
         # A command id among the partition's recent commands is a publisher's retry.
         seen = frozenset({command.command_id}) if command.command_id in recent else frozenset()
+        if seen:
+            metrics.COMMAND_RETRIES.inc()
         state = replace(self._with_order_line(working, command), decided=seen)
-        for decision in decide(state, command, now_ms=int(time.time() * 1000)):
+        now_ms = int(time.time() * 1000)
+        for decision in decide(state, command, now_ms):
+            metrics.COMMANDS_DECIDED.labels(type(decision).__name__).inc()
+            metrics.DECIDED_LATENCY.observe((now_ms - command.occurred_at) / 1000)
             state = evolve(state, decision)
             self._remember_line(decision, message.offset, batch)
             delivery = await self.producer.send(
@@ -273,6 +279,7 @@ class CommandHandler:
             await self.table.write(partition, f"p:{partition}", offset)
 
     async def _park(self, message: Logged, reason: str, error_type: str, batch: Batch) -> None:
+        metrics.DEAD_LETTERS.labels(error_type).inc()
         self.recent[message.partition].handled(message.offset, None)
         delivery = await self.producer.send(
             self.settings.dlq_topic,
@@ -334,5 +341,9 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
             await handler.handle_batch(
                 [Logged(m.topic, m.partition, m.offset, m.key, m.value or b"", {}) for m in messages]
             )
+            for tp in {m.tp for m in messages}:
+                handled = handler.recent[tp.partition].last_offset
+                lag = max(app.consumer.highwater(tp) - handled - 1, 0)
+                metrics.CONSUMER_LAG.labels(settings.processor_group, tp.partition).set(lag)
 
     return app

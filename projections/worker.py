@@ -24,6 +24,7 @@ from projections.store import ReadModelStore
 from projections.views import latency_bucket, plan_writes
 from schemas.codec import codec
 from schemas.records import Event
+from stockflow import metrics
 from stockflow.errors import DecodeError
 from stockflow.settings import Settings
 
@@ -88,10 +89,16 @@ class ProjectionWorker:
             self._dead_letters.flush(30)  # parked for good before the watermark moves past it
         outcome = self._store.apply(plan_writes(batch))
         self.events_applied += outcome.events
+        metrics.EVENTS_PROJECTED.inc(outcome.events)
         self._record_latencies([event for _, _, event in batch if event is not None])
         self._rebuild(outcome.gaps)
         done = {p: offset for p, offset, _ in batch if p not in outcome.gaps}
         self._applied.update(done)
+        for partition, offset in done.items():
+            tp = TopicPartition(self._settings.events_topic, partition)
+            _low, high = self._consumer.get_watermark_offsets(tp, cached=True)  # from the last fetch
+            lag = max(high - offset - 1, 0)
+            metrics.CONSUMER_LAG.labels(self._settings.projection_group, partition).set(lag)
         if done:
             self._consumer.commit(
                 offsets=[TopicPartition(self._settings.events_topic, p, o + 1) for p, o in done.items()],
@@ -101,7 +108,10 @@ class ProjectionWorker:
 
     def _record_latencies(self, events: list[Event]) -> None:
         visible_ms = int(time.time() * 1000)
-        counts = Counter(latency_bucket(visible_ms - event.command_occurred_at) for event in events)
+        latencies = [visible_ms - event.command_occurred_at for event in events]
+        for ms in latencies:
+            metrics.VISIBLE_LATENCY.observe(ms / 1000)
+        counts = Counter(latency_bucket(ms) for ms in latencies)
         self._store.record_latencies(counts)
 
     def _lost_watermarks(self) -> set[int]:

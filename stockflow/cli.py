@@ -19,6 +19,7 @@ from rich.table import Table
 
 from stockflow.errors import InvalidCommand, StockflowError
 from stockflow.lag import Overloaded
+from stockflow.metrics import serve as serve_metrics
 from stockflow.settings import Settings
 
 app = typer.Typer(
@@ -117,6 +118,7 @@ def worker_processor(
     ensure_topics(settings)
     data_dir = settings.run_dir / "processor" / f"{socket.gethostname()}-{os.getpid()}"
     faust_app = create_app(settings, data_dir, web_port)
+    print(f"metrics: {serve_metrics(settings, 'processor')}", flush=True)
     worker = faust.Worker(faust_app, loglevel="WARN")
     # Faust's terminal spinner sets the root logger to DEBUG to spin on every record: every
     # per-message debug call in Faust and aiokafka then builds a record (about 10% of the CPU).
@@ -139,6 +141,7 @@ def worker_projection() -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    logging.getLogger(__name__).info("metrics: %s", serve_metrics(settings, "projection"))
     ProjectionWorker(settings).run(stop.is_set)
 
 
@@ -366,16 +369,22 @@ def status(
     from rich.live import Live
 
     from stockflow.lag import GroupLag, LagProbe
+    from stockflow.metrics import endpoints as metric_endpoints
 
     settings = Settings()
     probe = LagProbe(settings)
+    endpoints = metric_endpoints(settings)
     if as_json:
-        print(json.dumps({"groups": {g.group: g.as_json() for g in probe.read()}}, indent=2))
+        groups = {g.group: g.as_json() for g in probe.read()}
+        print(json.dumps({"groups": groups, "metrics": endpoints}, indent=2))
         return
 
     def snapshot(previous: tuple[float, list[GroupLag]] | None) -> tuple[Table, tuple[float, list[GroupLag]]]:
         now, lags, held = time.monotonic(), probe.read(), probe.assignments()
-        table = Table("group", "partition", "lag", "held by", title="stockflow status")
+        caption = (
+            "metrics: " + ", ".join(f"{name} {url}" for name, url in endpoints.items()) if endpoints else None
+        )
+        table = Table("group", "partition", "lag", "held by", title="stockflow status", caption=caption)
         for i, group in enumerate(lags):
             rate = ""
             if previous is not None:

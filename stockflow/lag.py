@@ -8,6 +8,7 @@ stale. Reading it costs two small requests per group; publishers cache it for
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from confluent_kafka.admin import AdminClient
 
 from stockflow.errors import StackError, StockflowError
 from stockflow.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,16 @@ class Admission:
         now = time.monotonic()
         if now - self._read_at < self.refresh_s:
             return
+        try:
+            lag = self._read_lag()
+        except StockflowError as exc:
+            # A broker restarting or a coordinator moving: keep the last reading and try again
+            # at the next refresh rather than failing the send; the producer itself retries.
+            log.warning("lag unknown for now, keeping the last reading (%s): %s", self.lag, exc)
+            self._read_at = now
+            return
         self._previous = (self._read_at, self.lag)
-        self._read_at, self.lag = now, self._read_lag()
+        self._read_at, self.lag = now, lag
         if self.closed and self.lag < self.low_water:
             self.closed = False
         elif not self.closed and self.lag >= self.high_water:

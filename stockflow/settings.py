@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     backpressure_refresh_s: float = Field(default=0.5, gt=0)  # how stale the lag may be
     backpressure_max_wait_s: float = Field(default=30.0, ge=0)
 
+    # Each worker serves Prometheus metrics here; port 0 takes a free port (see stockflow status).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
     # Local stack (no Docker): jar cache, data, logs and pid files live under these folders.
     cache_dir: Path = Path(".stockflow/cache")
     run_dir: Path = Path(".stockflow/run")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from stockflow.errors import StackError
 from stockflow.lag import Admission, Overloaded
 from stockflow.settings import Settings
 
@@ -46,3 +47,21 @@ def test_overloaded_says_how_far_behind_and_when_to_retry() -> None:
 def test_the_low_water_mark_must_be_below_the_high_one() -> None:
     with pytest.raises(ValueError, match="LOW_WATER"):
         Settings(backpressure_high_water=100, backpressure_low_water=100)
+
+
+def test_a_lag_that_cannot_be_read_keeps_the_last_reading() -> None:
+    settings = Settings(backpressure_high_water=1000, backpressure_low_water=200, backpressure_refresh_s=1e-6)
+    readings = iter([100, None, 5000])
+
+    def read() -> int:
+        value = next(readings)
+        if value is None:
+            raise StackError("Not coordinator")  # the broker is restarting
+        return value
+
+    gate = Admission(settings, read)
+    gate.admit(0)
+    gate.admit(0)  # unreadable: still open, nothing raised
+    assert gate.lag == 100 and not gate.closed
+    with pytest.raises(Overloaded):
+        gate.admit(0)

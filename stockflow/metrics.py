@@ -1,0 +1,69 @@
+"""Prometheus metrics of a worker, served over HTTP on a port of its own.
+
+Each worker process serves ``/metrics`` on ``STOCKFLOW_METRICS_PORT`` (0, the default, takes a
+free port, so many workers can share a machine) and records the address under
+``<run_dir>/metrics/`` for ``stockflow status``; the log says it too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from stockflow.settings import Settings
+
+# Command created -> decided / visible, in seconds: from a few ms to a backlog of minutes.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+COMMANDS_DECIDED = Counter(
+    "stockflow_commands_decided_total",
+    "Commands decided by the processor, by the event they caused",
+    ["outcome"],
+)
+COMMAND_RETRIES = Counter(
+    "stockflow_command_retries_total", "Commands recognised as a retry of one already decided"
+)
+DEAD_LETTERS = Counter("stockflow_dead_letters_total", "Messages parked in a dead-letter topic", ["type"])
+DECIDED_LATENCY = Histogram(
+    "stockflow_command_decided_seconds",
+    "Command created -> decided by the processor",
+    buckets=LATENCY_BUCKETS,
+)
+EVENTS_PROJECTED = Counter("stockflow_events_projected_total", "Events applied to the Redis read models")
+VISIBLE_LATENCY = Histogram(
+    "stockflow_command_visible_seconds",
+    "Command created -> its event visible in Redis",
+    buckets=LATENCY_BUCKETS,
+)
+CONSUMER_LAG = Gauge(
+    "stockflow_consumer_lag",
+    "Messages in the partition this worker has not handled yet",
+    ["group", "partition"],
+)
+
+
+def serve(settings: Settings, kind: str) -> str:
+    """Start the HTTP endpoint in a background thread; returns its URL."""
+    server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    url = f"http://{settings.metrics_host}:{server.server_port}/metrics"
+    folder = settings.run_dir / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / f"{kind}-{socket.gethostname()}-{os.getpid()}.url"
+    record.write_text(url + "\n")
+    atexit.register(record.unlink, missing_ok=True)
+    return url
+
+
+def endpoints(settings: Settings) -> dict[str, str]:
+    """Worker name -> metrics URL, for the workers on this machine that are still running."""
+    folder = settings.run_dir / "metrics"
+    found = {}
+    for record in sorted(folder.glob("*.url")) if folder.exists() else []:
+        pid = record.stem.rsplit("-", 1)[-1]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            found[record.stem] = record.read_text().strip()
+    return found
