@@ -15,12 +15,13 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from projections.queries import ReadModels
-from projections.store import ReadModelStore
+from projections.store import Applied, ReadModelStore
 from projections.views import latency_bucket, plan_writes
 from schemas.codec import codec
 from schemas.records import Event
@@ -55,6 +56,12 @@ class ProjectionWorker:
         self.events_applied = 0
         # Last offset this worker applied, per assigned partition: what Redis should hold.
         self._applied: dict[int, int] = {}
+        # The batch being written to Redis, by a thread of its own (see poll_once).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-writer")
+        self._writing: Future[Applied] | None = None
+        self._written: list[tuple[int, int, Event | None]] = []
+        self._writing_since = 0.0
+        self._paused = False
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         self._consumer.subscribe(
@@ -63,11 +70,22 @@ class ProjectionWorker:
         try:
             while not should_stop():
                 self.poll_once(timeout_s=0.5)
+            self._finish_write(wait=True)
         finally:
             self._consumer.close()  # leave the group now, so the others take over at once
             self._dead_letters.flush(10)
+            self._writer.shutdown(wait=False)
 
     def poll_once(self, timeout_s: float) -> int:
+        """Finish the batch being written, or hold back while Redis is slow; else take the next.
+
+        One batch is in flight at a time. Its Redis write runs in a thread, so that when it
+        takes longer than STOCKFLOW_PROJECTION_PAUSE_AFTER_S the worker pauses its partitions
+        and keeps polling: it stays in the group and fetches nothing until Redis catches up.
+        """
+        if not self._finish_write(wait=False):
+            self._hold_back(timeout_s)
+            return 0
         self._rebuild(self._lost_watermarks())
         # consume(n, timeout) waits for a full batch; wait only for the first event, then take
         # what has already been fetched, so a trickle of events is not held back.
@@ -87,7 +105,32 @@ class ProjectionWorker:
             return 0
         if any(event is None for _, _, event in batch):
             self._dead_letters.flush(30)  # parked for good before the watermark moves past it
-        outcome = self._store.apply(plan_writes(batch))
+        self._writing = self._writer.submit(self._store.apply, plan_writes(batch))
+        self._written = batch
+        self._writing_since = time.monotonic()
+        return len(batch)
+
+    def _finish_write(self, wait: bool) -> bool:
+        """Complete the batch in flight once Redis has it; False if it is still being written."""
+        if self._writing is None:
+            return True
+        if self._paused and not wait:
+            if not self._writing.done():
+                return False
+        elif not wait:
+            # Wait as a synchronous worker would, up to the point where Redis counts as behind.
+            pause_at = self._writing_since + self._settings.projection_pause_after_s
+            try:
+                self._writing.result(timeout=max(pause_at - time.monotonic(), 0.0))
+            except TimeoutError:
+                return False
+        outcome, batch = self._writing.result(), self._written
+        self._writing, self._written = None, []
+        if self._paused:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
+            metrics.PAUSED_PARTITIONS.set(0)
+            log.info("Redis caught up: resuming")
         self.events_applied += outcome.events
         metrics.EVENTS_PROJECTED.inc(outcome.events)
         self._record_latencies([event for _, _, event in batch if event is not None])
@@ -104,7 +147,26 @@ class ProjectionWorker:
                 offsets=[TopicPartition(self._settings.events_topic, p, o + 1) for p, o in done.items()],
                 asynchronous=True,
             )
-        return len(batch)
+        return True
+
+    def _hold_back(self, timeout_s: float) -> None:
+        """Redis is behind: stop fetching, but keep polling so the group keeps this worker."""
+        if not self._paused:
+            assigned = self._consumer.assignment()
+            self._consumer.pause(assigned)
+            self._paused = True
+            metrics.PAUSED_PARTITIONS.set(len(assigned))
+            log.warning(
+                "Redis is behind (a write has taken over %.1fs): pausing %d partitions",
+                time.monotonic() - self._writing_since,
+                len(assigned),
+            )
+        message = self._consumer.poll(min(timeout_s, 0.1))  # serves heartbeats and rebalances
+        if message is not None and message.error() is None:
+            # Fetched before the pause took hold: put it back to be read after the resume.
+            partition, offset = message.partition(), message.offset()
+            assert partition is not None and offset is not None
+            self._consumer.seek(TopicPartition(self._settings.events_topic, partition, offset))
 
     def _record_latencies(self, events: list[Event]) -> None:
         visible_ms = int(time.time() * 1000)
@@ -156,6 +218,8 @@ class ProjectionWorker:
             return None
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._paused = False  # a new assignment starts unpaused
+        metrics.PAUSED_PARTITIONS.set(0)
         watermarks = self._models.watermarks()
         for tp in partitions:
             applied = watermarks.get(tp.partition)
@@ -164,5 +228,7 @@ class ProjectionWorker:
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The next owner resumes from the watermarks in Redis: finish the batch in flight first.
+        self._finish_write(wait=True)
         for tp in partitions:
             self._applied.pop(tp.partition, None)

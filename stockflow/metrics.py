@@ -39,6 +39,9 @@ VISIBLE_LATENCY = Histogram(
     "Command created -> its event visible in Redis",
     buckets=LATENCY_BUCKETS,
 )
+PAUSED_PARTITIONS = Gauge(
+    "stockflow_paused_partitions", "Partitions a projection worker stopped fetching while Redis is behind"
+)
 CONSUMER_LAG = Gauge(
     "stockflow_consumer_lag",
     "Messages in the partition this worker has not handled yet",

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # Projection worker: how long a dead one holds its partitions, events per poll, and how
     # many order ids "recent orders" keeps per SKU.
     projection_session_timeout_s: float = Field(default=10.0, ge=6.0)
+    # A Redis write taking longer than this pauses fetching until it is done (Redis is behind).
+    projection_pause_after_s: float = Field(default=1.0, gt=0)
     projection_batch_size: int = Field(default=2000, ge=1)
     recent_orders_per_sku: int = Field(default=20, ge=1)
 

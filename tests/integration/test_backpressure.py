@@ -1,4 +1,5 @@
-"""Backpressure on the real stack: a stalled projection holds publishers back, then lets go."""
+"""Backpressure on the real stack: a stalled projection holds publishers back, a slow Redis
+pauses the projection; both let go once the workers catch up."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 
 from producers.commands import place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
 from stockflow.lag import LagProbe, Overloaded
+from stockflow.metrics import endpoints
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
 from tests.integration.test_faults import quiet_verify
@@ -93,3 +97,39 @@ def test_a_stalled_projection_holds_publishers_back_until_it_catches_up(
     probe.close()
     report = quiet_verify(settings)
     assert report.problems == []
+
+
+def test_a_slow_redis_pauses_the_projection_which_stays_in_the_group(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    def projection_metrics() -> str:
+        url = next(url for name, url in endpoints(settings).items() if name.startswith("projection-"))
+        body: bytes = urllib.request.urlopen(url, timeout=10).read()
+        return body.decode()
+
+    def paused() -> float:
+        line = next(
+            x for x in projection_metrics().splitlines() if x.startswith("stockflow_paused_partitions ")
+        )
+        return float(line.split()[1])
+
+    probe = LagProbe(settings)
+    publisher = Publisher(settings)
+    sku = unique("SLOW")
+    publisher.publish(restock(sku, 1_000))
+    try:
+        # Redis holds every write (scripts included) for 5 s; reads still answer.
+        redis.Redis.from_url(settings.redis_url).client_pause(5000, all=False)
+        for _ in range(200):
+            publisher.send(place_order(sku, 1))
+        publisher.flush(30)
+        wait_for("the projection to pause its partitions", lambda: paused() > 0, 5)
+        held = probe.assignments()[settings.projection_group]
+        assert len(held) == settings.partitions  # still in the group, holding its partitions
+        wait_for("the projection to resume", lambda: paused() == 0, 30)
+    finally:
+        publisher.close()
+        probe.close()
+    log = stack.worker("projection", 1).log_file.read_text()
+    assert "Redis is behind" in log and "Redis caught up: resuming" in log
+    assert quiet_verify(settings).problems == []
