@@ -69,6 +69,8 @@ class BenchOptions:
     crud_clients: int = 4
     crud_duration_s: int = 15
     workloads: tuple[str, ...] = ("uniform", "hot")
+    processors: int = 1
+    projections: int = 1
 
 
 WORKLOADS = {"uniform": Workload(1000, 0, 0.8), "hot": Workload(1000, 10, 0.8)}
@@ -305,8 +307,8 @@ def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Sa
         say(f"  ingest (workers stopped): {result['ingest_commands_per_s']:,.0f} commands/s acknowledged")
 
         sampler = Sampler(counts).start()
-        workers.start_workers("processor", 1)
-        workers.start_workers("projection", 1)
+        workers.start_workers("processor", options.processors)
+        workers.start_workers("projection", options.projections)
         backlog = workload.skus + options.orders
         wait_visible(counts, backlog, "backlog", say)
         samples = sampler.stop()
@@ -335,8 +337,8 @@ def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Sa
         half = min(latency, key=lambda p: abs(p["fraction"] - 0.5))
         result["latency_ms_at_half_load"] = {k: half[k] for k in ("p50", "p99", "p999")}
     finally:
-        for kind in ("processor", "projection"):
-            workers.worker(kind, 1).stop()
+        for process in workers.worker_processes():
+            process.stop()
         counts.close()
     replay_redis = f"redis://127.0.0.1:{settings.redis_port}/{REPLAY_REDIS_DB}"
     replay_settings = Settings(**{**settings.model_dump(), "redis_url": replay_redis})
@@ -388,7 +390,7 @@ def run_bench(base: Settings, options: BenchOptions, say: Say = print) -> dict[s
             "processor_batch_size": settings.processor_batch_size,
             "processor_batch_wait_s": settings.processor_batch_wait_s,
             "projection_batch_size": settings.projection_batch_size,
-            "workers": "1 processor, 1 projection",
+            "workers": f"{options.processors} processor, {options.projections} projection",
         },
         "durability": {"pipeline": PIPELINE_DURABILITY, "crud": CRUD_DURABILITY},
         "workloads": {},

@@ -329,6 +329,8 @@ def bench(
     latency_seconds: Annotated[float, typer.Option(help="Length of each offered-load run.")] = 10.0,
     crud_seconds: Annotated[int, typer.Option(help="Length of each PostgreSQL run.")] = 15,
     workload: Annotated[list[str] | None, typer.Option(help="uniform and/or hot (default: both).")] = None,
+    processors: Annotated[int, typer.Option(help="Processor workers.")] = 1,
+    projections: Annotated[int, typer.Option(help="Projection workers.")] = 1,
 ) -> None:
     """Measure the pipeline against raw Kafka and PostgreSQL CRUD on this machine, in one run.
 
@@ -348,6 +350,8 @@ def bench(
         latency_duration_s=latency_seconds,
         crud_duration_s=crud_seconds,
         workloads=chosen,
+        processors=processors,
+        projections=projections,
     )
     run_bench(Settings(), options, say=console.print)
     console.print(f"Report: {out / 'REPORT.md'}; plots: {out}/*.png; JSON: {options.json_path}")
