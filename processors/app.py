@@ -130,9 +130,11 @@ class CommandHandler:
         self.producer = producer
         self.read_commands = read_commands
         self.recent: dict[int, RecentCommands] = {}
+        self.last_batch_at = time.monotonic()
 
     async def handle_batch(self, messages: Sequence[Logged]) -> None:
         """Decide a batch; returns once its events are in the log and its state is saved."""
+        self.last_batch_at = time.monotonic()
         batch = Batch()
         for partition in sorted({message.partition for message in messages}):
             await self._take_over_if_needed(partition)
@@ -298,6 +300,15 @@ class CommandHandler:
         batch.deliveries.append(delivery)
 
 
+def stalled(waiting: dict[int, int], idle_s: float, limit_s: float) -> bool:
+    """True when commands wait on some partition but none has reached the agent for ``limit_s``.
+
+    Faust's stream has been reported to stop delivering after a rebalance, with no error
+    (faust-streaming issues 175, 523, 532); it was seen here once, with two processors.
+    """
+    return idle_s >= limit_s and any(count > 0 for count in waiting.values())
+
+
 def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) -> faust.App:
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -345,5 +356,30 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
                 handled = handler.recent[tp.partition].last_offset
                 lag = max(app.consumer.highwater(tp) - handled - 1, 0)
                 metrics.CONSUMER_LAG.labels(settings.processor_group, tp.partition).set(lag)
+
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]  # faust's timer is untyped
+    async def watchdog() -> None:
+        recovery = cast(Any, app.tables).recovery  # the TableManager's, missing from its type
+        if not recovery.completed.is_set():
+            handler.last_batch_at = time.monotonic()  # restoring the table is work, not a stall
+            return
+        waiting = {}
+        for tp in app.consumer.assignment():
+            if tp.topic == settings.commands_topic:
+                recent = handler.recent.get(tp.partition)
+                handled = recent.last_offset if recent is not None else -1
+                waiting[tp.partition] = (app.consumer.highwater(tp) or 0) - handled - 1
+        idle_s = time.monotonic() - handler.last_batch_at
+        if stalled(waiting, idle_s, settings.processor_stall_timeout_s):
+            log.error(
+                "no command reached the agent for %.0fs while %s wait on partitions %s: the stream"
+                " stopped delivering; exiting so the group gives the partitions to a live worker"
+                " (STOCKFLOW_PROCESSOR_STALL_TIMEOUT_S)",
+                idle_s,
+                sum(count for count in waiting.values() if count > 0),
+                sorted(p for p, count in waiting.items() if count > 0),
+            )
+            logging.shutdown()
+            os._exit(70)  # as abrupt as a crash, which the state is built to survive
 
     return app

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     # How long a processor worker may go silent before the group gives its partitions to the
     # others: after a crash, the survivors (or the restarted worker) wait about this long.
     processor_session_timeout_s: float = Field(default=20.0, ge=6.0)
+    # A processor whose stream delivers nothing this long while commands wait exits (see README).
+    processor_stall_timeout_s: float = Field(default=120.0, gt=0)
 
     # Processor: commands decided per batch (one broker round trip each), and how long a batch
     # waits to fill when commands trickle in (adds at most this much latency).

@@ -1,0 +1,12 @@
+"""The processor's watchdog: when does a quiet stream count as stalled."""
+
+from __future__ import annotations
+
+from processors.app import stalled
+
+
+def test_a_processor_is_stalled_only_when_commands_wait_and_nothing_arrives() -> None:
+    assert stalled({0: 5, 1: 0}, idle_s=130, limit_s=120)
+    assert not stalled({0: 5}, idle_s=60, limit_s=120)  # not quiet for long enough
+    assert not stalled({0: 0, 1: 0}, idle_s=600, limit_s=120)  # quiet because nothing waits
+    assert not stalled({}, idle_s=600, limit_s=120)  # no partitions assigned
