@@ -73,15 +73,18 @@ def _drive(settings: Settings, plan: DemoPlan, console: Console, stack: LocalSta
     )
     with Progress(console=console, transient=True) as progress:
         sending = progress.add_task("publishing", total=len(restocks) + len(orders) + len(resent))
-        for command in restocks:
-            publisher.send(command, delivered)
-            progress.advance(sending)
-        publisher.flush()  # stock first, so the first orders find some
-        for command in orders + resent:  # the re-sends reuse command ids: retries
-            publisher.send(command, delivered)
-            progress.advance(sending)
-        if publisher.flush(60) or failures:
-            raise StockflowError(f"Kafka did not acknowledge every command: {failures[:3]}")
+        try:
+            for command in restocks:
+                publisher.send(command, delivered)
+                progress.advance(sending)
+            publisher.flush()  # stock first, so the first orders find some
+            for command in orders + resent:  # the re-sends reuse command ids: retries
+                publisher.send(command, delivered)
+                progress.advance(sending)
+            if publisher.flush(60) or failures:
+                raise StockflowError(f"Kafka did not acknowledge every command: {failures[:3]}")
+        finally:
+            publisher.close()  # before the stack stops, or its clients complain about the broker
 
         accepted = len(restocks) + len(orders)
         models = ReadModels(redis.Redis.from_url(settings.redis_url))
