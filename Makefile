@@ -35,7 +35,7 @@ redis-server:
 demo: setup ## Start everything, publish orders, print the read models and a reconciliation
 	$(BIN)/stockflow demo $(DEMO_ARGS)
 
-test: setup ## All tests: unit, integration and end-to-end (starts its own Kafka and Redis)
+test: setup postgresql ## All tests: unit, integration and end-to-end (starts its own Kafka, Redis, PostgreSQL)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: setup ## Unit tests only (no services)

@@ -347,11 +347,11 @@ def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Sa
 
 
 def bench_crud(options: BenchOptions, say: Say) -> dict[str, dict[str, float]]:
-    postgres = Postgres(options.out_dir / "postgres", port=_free_port())
+    postgres = Postgres(port=_free_port())
     say("PostgreSQL: starting a private cluster")
-    postgres.start()
     results: dict[str, dict[str, float]] = {}
     try:
+        postgres.start()
         for name in options.workloads:
             workload = WORKLOADS[name]
             postgres.load(workload.skus, 1_000_000_000)

@@ -8,6 +8,7 @@ Debian's, started on a private socket under the bench folder and stopped by its 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import random
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +70,10 @@ class Workload:
 class Postgres:
     """A throwaway PostgreSQL cluster: initdb, start, and stop by the postmaster's pid."""
 
-    def __init__(self, root: Path, port: int) -> None:
-        self.root = root.resolve()
+    def __init__(self, port: int) -> None:
+        # A folder of its own under the system temp dir: the `postgres` user may not be able
+        # to reach a folder under the caller's (a pytest tmp_path is private to root, say).
+        self.root = Path(tempfile.mkdtemp(prefix="stockflow-postgres-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "socket"
         self.port = port
@@ -88,7 +92,6 @@ class Postgres:
         return result
 
     def start(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
         self.socket_dir.mkdir(parents=True)
         if self.as_user:
             shutil.chown(self.root, "postgres")
@@ -101,16 +104,15 @@ class Postgres:
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
 
     def stop(self) -> None:
-        if self.pid is None:
-            return
-        try:
-            os.kill(self.pid, signal.SIGINT)  # PostgreSQL's "fast shutdown"
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and Path(f"/proc/{self.pid}").exists():
-            time.sleep(0.1)
-        self.pid = None
+        """Stop the server (by its pid) and delete its data."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                os.kill(self.pid, signal.SIGINT)  # PostgreSQL's "fast shutdown"
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and Path(f"/proc/{self.pid}").exists():
+                time.sleep(0.1)
+            self.pid = None
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def conninfo(self) -> str:
         return f"host={self.socket_dir} port={self.port} user={self.user} dbname=postgres"
