@@ -51,7 +51,7 @@ postgresql:
 	  echo "Installing PostgreSQL (the CRUD baseline) from Debian's packages..."; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-contrib >/dev/null; \
 	else \
-	  echo "PostgreSQL not found: run 'sudo apt-get install postgresql postgresql-contrib', then make bench again"; exit 1; \
+	  echo "PostgreSQL not found: run 'sudo apt-get install postgresql postgresql-contrib', then run make again"; exit 1; \
 	fi
 
 lint: setup ## ruff and mypy --strict; changes nothing
