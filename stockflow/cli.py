@@ -417,12 +417,15 @@ def status(
 # -- verify --------------------------------------------------------------------------------
 @app.command("verify")
 def verify_command(
-    wait: Annotated[float, typer.Option(help="Seconds to wait for read models that are behind.")] = 0.0,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for undecided commands and views that are behind.")
+    ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Fold the event log and compare it with the processor's table and the Redis read models.
 
-    Views that are only behind the log (lag) are listed but are not failures.
+    Views that are only behind the log (lag) are listed but are not failures. On a live system
+    a command the processor has not reached yet counts as lost: give --wait for it to catch up.
 
     Exits 1 and prints each difference if anything was lost, decided twice, or disagrees.
 
@@ -435,7 +438,7 @@ def verify_command(
     settings = Settings()
     deadline = time.monotonic() + wait
     report = verify(settings)
-    while report.behind and time.monotonic() < deadline:
+    while (report.behind or report.lost) and time.monotonic() < deadline:
         time.sleep(1)
         report = verify(settings)
     if as_json:
