@@ -63,7 +63,6 @@ class BenchOptions:
     out_dir: Path
     json_path: Path
     orders: int = 100_000  # per phase: raw, ingest, end to end
-    skus: int = 1000
     latency_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     latency_duration_s: float = 10.0
     crud_clients: int = 4
