@@ -36,26 +36,29 @@ class Receipt:
 DeliveryCallback = Callable[[Command, Receipt | None, PublishError | None], None]
 
 
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """How commands are produced: idempotent, acks=all, Java's murmur2 partitioner, lz4."""
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "enable.idempotence": True,
+        "acks": "all",
+        "partitioner": "murmur2_random",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+    }
+
+
 class Publisher:
     """Publishes commands; holds them back while the workers lag (``stockflow.lag.Admission``)."""
 
-    def __init__(self, settings: Settings, **producer_config: Any) -> None:
+    def __init__(self, settings: Settings, **extra_config: Any) -> None:
         self._settings = settings
         self._lag: LagProbe | None = None
         self.admission: Admission | None = None
         if settings.backpressure_high_water:
             self._lag = LagProbe(settings)
             self.admission = Admission(settings, self._worst_lag)
-        config: dict[str, Any] = {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-            "linger.ms": 5,
-            "compression.type": "lz4",
-        }
-        config.update(producer_config)
-        self._producer = Producer(config)
+        self._producer = Producer(producer_config(settings) | extra_config)
 
     def _worst_lag(self) -> int:
         assert self._lag is not None

@@ -35,7 +35,7 @@ from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from producers.commands import place_order, restock
 from producers.load import LoadProfile, run_load
-from producers.publisher import Publisher
+from producers.publisher import Publisher, producer_config
 from projections.queries import ReadModels
 from projections.store import LATENCY_KEY
 from projections.views import percentile
@@ -175,16 +175,7 @@ def raw_kafka(settings: Settings, workload: Workload, count: int, say: Say) -> d
     rng = random.Random(1)
     keys = [f"SKU-{workload.pick_sku(rng):05d}".encode() for _ in range(10_000)]
     value = os.urandom(size)
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-            "linger.ms": 5,
-            "compression.type": "lz4",
-        }
-    )
+    producer = Producer(producer_config(settings))  # exactly as the publisher produces
     started = time.monotonic()
     for i in range(count):
         while True:
