@@ -164,6 +164,18 @@ def _is_ours(pid: int, pid_file: Path) -> bool:
     return running == executable
 
 
+def kafka_cluster_id() -> str:
+    """A random cluster id: 16 bytes, URL-safe base64, as Kafka's own tool makes them.
+
+    Never one starting with "-": the storage tool would read it as an option and fail (a
+    fresh-clone CI run did; one start in 64 would).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -302,7 +314,7 @@ class LocalStack:
             f"{libs.resolve()}/*",
         ]
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = kafka_cluster_id()
             result = subprocess.run(
                 [
                     *java,
