@@ -93,7 +93,7 @@ class Counts:
         self.models = ReadModels(redis.Redis.from_url(settings.redis_url))
 
     def sample(self, t: float) -> LagSample:
-        visible = sum(offset + 1 for offset in self.models.watermarks().values())
+        visible = self.models.events_applied()
         published = self.ends.total(self.settings.commands_topic)
         return LagSample(t, published, self.ends.total(self.settings.events_topic), visible)
 
@@ -134,7 +134,7 @@ def wait_visible(counts: Counts, events: int, what: str, say: Say, timeout_s: fl
     last_said = 0.0
     while True:
         now = time.monotonic()
-        visible = sum(offset + 1 for offset in counts.models.watermarks().values())
+        visible = counts.models.events_applied()
         if visible >= events:
             return now
         if now > deadline:
@@ -151,9 +151,8 @@ def wait_visible(counts: Counts, events: int, what: str, say: Say, timeout_s: fl
 def workload_settings(base: Settings, run: str, name: str, redis_db: int) -> Settings:
     prefix = f"bench-{run}.{name}"
     redis_url = f"redis://127.0.0.1:{base.redis_port}/{redis_db}"
-    return Settings(
-        **{
-            **base.model_dump(),
+    return base.model_copy(
+        update={
             "commands_topic": f"{prefix}.commands",
             "events_topic": f"{prefix}.events",
             "dlq_topic": f"{prefix}.commands.dlq",
@@ -230,11 +229,8 @@ def publish_orders(publisher: Publisher, workload: Workload, orders: int, rate: 
 
 def replay(settings: Settings, expected: int, say: Say) -> float:
     """Events per second folded from the event log into an empty Redis database by one worker."""
-    fresh = Settings(
-        **{
-            **settings.model_dump(),
-            "projection_group": f"{settings.projection_group}.replay-{uuid.uuid4().hex[:6]}",
-        }
+    fresh = settings.model_copy(
+        update={"projection_group": f"{settings.projection_group}.replay-{uuid.uuid4().hex[:6]}"}
     )
     redis.Redis.from_url(fresh.redis_url).flushdb()
     worker = ProjectionWorker(fresh)
@@ -245,7 +241,7 @@ def replay(settings: Settings, expected: int, say: Say) -> float:
 
     def done() -> bool:
         nonlocal visible
-        visible = sum(offset + 1 for offset in models.watermarks().values())
+        visible = models.events_applied()
         return visible >= expected or time.monotonic() > stop_at
 
     worker.run(should_stop=done)
@@ -289,7 +285,7 @@ def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Sa
 
         # Plenty of stock, so every order is processed, as in the CRUD baseline. Backpressure
         # off: these phases measure how fast commands can go in, backlog or not.
-        publisher = Publisher(Settings(**{**settings.model_dump(), "backpressure_high_water": 0}))
+        publisher = Publisher(settings.model_copy(update={"backpressure_high_water": 0}))
         for sku in LoadProfile(orders=0, skus=workload.skus).sku_names():
             publisher.send(restock(sku, 1_000_000_000))
         publisher.flush(60)
@@ -331,7 +327,7 @@ def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Sa
             process.stop()
         counts.close()
     replay_redis = f"redis://127.0.0.1:{settings.redis_port}/{REPLAY_REDIS_DB}"
-    replay_settings = Settings(**{**settings.model_dump(), "redis_url": replay_redis})
+    replay_settings = settings.model_copy(update={"redis_url": replay_redis})
     result["replay_events_per_s"] = replay(replay_settings, total, say)
     return result
 
@@ -484,11 +480,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> None:
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(figures))], [f for f, _ in figures])
     ax.set_yscale("log")
     ax.set_ylabel("per second (log scale)")
-    ax.set_title("Throughput: stockflow vs raw Kafka vs PostgreSQL CRUD")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "throughput.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "Throughput: stockflow vs raw Kafka vs PostgreSQL CRUD", out_dir / "throughput.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
@@ -499,11 +491,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> None:
             )
     ax.set_xlabel("offered commands/s")
     ax.set_ylabel("command created -> visible in Redis, ms")
-    ax.set_title("Latency against offered load")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "Latency against offered load", out_dir / "latency.png")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name in names:
@@ -513,10 +501,17 @@ def plot(results: dict[str, Any], out_dir: Path) -> None:
         ax.plot(t, [s["decided"] - s["visible"] for s in samples], "--", label=f"{name}: projection lag")
     ax.set_xlabel("seconds into the end-to-end run")
     ax.set_ylabel("messages behind")
-    ax.set_title("Lag over time, end-to-end run")
-    ax.legend()
+    _save(fig, "Lag over time, end-to-end run", out_dir / "lag.png")
+
+
+def _save(fig: Any, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.set_title(title)
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "lag.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

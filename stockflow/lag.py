@@ -60,7 +60,7 @@ class LagProbe:
             )
             for group in self._groups
         }
-        self._admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+        self._admin: AdminClient | None = None  # made by assignments(); a publisher never asks
 
     def read(self, timeout_s: float = 5.0) -> list[GroupLag]:
         try:
@@ -89,6 +89,8 @@ class LagProbe:
         A group that does not answer in time (it may be rebalancing) shows no holders.
         """
         held: dict[str, dict[int, str]] = {group: {} for group in self._groups}
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self._settings.bootstrap_servers})
         described = self._admin.describe_consumer_groups(list(self._groups), request_timeout=timeout_s)
         for group, future in described.items():
             try:

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from stockflow.errors import StackError
 from stockflow.settings import Settings
@@ -59,14 +59,7 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Itera
             assert partition is not None and offset is not None
             if offset >= ends.get(partition, 0) - 1:
                 ends.pop(partition, None)
-            yield Logged(
-                topic,
-                partition,
-                offset,
-                message.key(),
-                message.value() or b"",
-                _headers(message.headers() or []),
-            )
+            yield _logged(message, topic, partition, offset)
     finally:
         consumer.close()
 
@@ -80,6 +73,12 @@ def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> tup
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _logged(message: Message, topic: str, partition: int, offset: int) -> Logged:
+    return Logged(
+        topic, partition, offset, message.key(), message.value() or b"", _headers(message.headers() or [])
+    )
 
 
 def _headers(
@@ -111,16 +110,7 @@ def read_range(settings: Settings, topic: str, partition: int, start: int, end: 
             assert offset is not None
             if offset >= end:
                 return records
-            records.append(
-                Logged(
-                    topic,
-                    partition,
-                    offset,
-                    message.key(),
-                    message.value() or b"",
-                    _headers(message.headers() or []),
-                )
-            )
+            records.append(_logged(message, topic, partition, offset))
             if offset == end - 1:
                 return records
         raise StackError(f"could not read {topic}[{partition}] offsets {start}..{end - 1} within 60s")

@@ -39,9 +39,8 @@ def rss_mb(pid: int) -> float:
 def test_a_stalled_projection_holds_publishers_back_until_it_catches_up(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
-    tight = Settings(
-        **{
-            **settings.model_dump(),
+    tight = settings.model_copy(
+        update={
             "backpressure_high_water": HIGH,
             "backpressure_low_water": LOW,
             "backpressure_refresh_s": REFRESH_S,
