@@ -16,14 +16,12 @@ Lua script on a single key slot, so replaying any part of the log leaves the mod
 
 from __future__ import annotations
 
-import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from projections.views import KIND, WritePlan, latency_bucket
+from projections.views import KIND, WritePlan
 
 PREFIX = "sf"
 STOCK_COUNTERS = ("units_sold", *KIND.values())
@@ -106,7 +104,6 @@ LATENCY_KEY = f"{PREFIX}:latency_ms"
 @dataclass
 class Applied:
     events: int = 0  # events that changed a SKU (repeats and replays change nothing)
-    latencies_ms: list[int] = field(default_factory=list)  # command created -> visible, per event
     gaps: set[int] = field(default_factory=set)  # partitions to replay from the start
 
 
@@ -146,11 +143,8 @@ class ReadModelStore:
         if skus:
             pipe.sadd(SKUS_KEY, *skus)
         results = pipe.execute()
-        visible_ms = int(time.time() * 1000)
-        outcome = Applied(latencies_ms=[visible_ms - created for created in plan.command_created_at])
+        outcome = Applied()
         pipe = self._redis.pipeline(transaction=False)
-        for bucket, count in Counter(map(latency_bucket, outcome.latencies_ms)).items():
-            pipe.hincrby(LATENCY_KEY, str(bucket), count)
         for sku, (count, units_sold, gap) in zip(skus, results, strict=False):
             outcome.events += int(count)
             if gap:
@@ -163,3 +157,9 @@ class ReadModelStore:
             self._advance_watermarks(keys=[WATERMARKS_KEY], args=args, client=pipe)
         pipe.execute()
         return outcome
+
+    def record_latencies(self, counts: dict[int, int]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for bucket, count in counts.items():
+            pipe.hincrby(LATENCY_KEY, str(bucket), count)
+        pipe.execute()

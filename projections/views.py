@@ -63,7 +63,6 @@ class WritePlan:
     sku_partitions: dict[str, int] = field(default_factory=dict)
     order_lines: dict[tuple[str, str], OrderLineStatus] = field(default_factory=dict)
     watermarks: dict[int, int] = field(default_factory=dict)
-    command_created_at: list[int] = field(default_factory=list)  # per event, for the latency
 
 
 def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
@@ -76,7 +75,6 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
         plan.watermarks[partition] = offset
         if event is None:
             continue
-        plan.command_created_at.append(event.command_occurred_at)
         kind = KIND[type(event)]
         order_id = getattr(event, "order_id", "")
         plan.sku_partitions[event.sku] = partition

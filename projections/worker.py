@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -21,7 +22,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 
 from projections.queries import ReadModels
 from projections.store import Applied, ReadModelStore
-from projections.views import plan_writes
+from projections.views import latency_bucket, plan_writes
 from schemas.codec import codec
 from schemas.records import Event
 from stockflow import metrics
@@ -132,8 +133,7 @@ class ProjectionWorker:
             log.info("Redis caught up: resuming")
         self.events_applied += outcome.events
         metrics.EVENTS_PROJECTED.inc(outcome.events)
-        for ms in outcome.latencies_ms:
-            metrics.VISIBLE_LATENCY.observe(ms / 1000)
+        self._record_latencies([event for _, _, event in batch if event is not None])
         self._rebuild(outcome.gaps)
         done = {p: offset for p, offset, _ in batch if p not in outcome.gaps}
         self._applied.update(done)
@@ -167,6 +167,14 @@ class ProjectionWorker:
             partition, offset = message.partition(), message.offset()
             assert partition is not None and offset is not None
             self._consumer.seek(TopicPartition(self._settings.events_topic, partition, offset))
+
+    def _record_latencies(self, events: list[Event]) -> None:
+        visible_ms = int(time.time() * 1000)
+        latencies = [visible_ms - event.command_occurred_at for event in events]
+        for ms in latencies:
+            metrics.VISIBLE_LATENCY.observe(ms / 1000)
+        counts = Counter(latency_bucket(ms) for ms in latencies)
+        self._store.record_latencies(counts)
 
     def _lost_watermarks(self) -> set[int]:
         """Partitions this worker wrote whose watermark Redis no longer has (it lost its data).
