@@ -2,9 +2,11 @@
 
 Thin wiring around ``processors.domain``, one batch of command messages at a time: decode ->
 load each SKU's state from the table -> decide -> send the events -> wait for the broker to
-acknowledge all of them -> save the new state. The table is co-partitioned with the commands
-topic (same partition count, key = SKU), and every event is written to the same partition
-number of the events topic as its command, so a SKU's history stays in one partition.
+acknowledge all of them -> save the new state. A message holds one command or a batch frame
+of many; the events of a batch go out as one ``EventBatch`` frame per partition. The table is
+co-partitioned with the commands topic (same partition count, key = SKU), and every event is
+written to the same partition number of the events topic as its command, so a SKU's history
+stays in one partition.
 
 Processing guarantee: Faust's at-least-once, made exact for decisions.
 - A batch's events are acknowledged by the broker before the state records any of its commands
@@ -27,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +42,7 @@ from typing import Any, cast
 import faust
 from faust.types import ProducerT, StreamT, TopicT
 
-from processors.dedupe import RecentCommands, decided_command_id
+from processors.dedupe import RecentCommands, decided_command_ids
 from processors.domain import OrderLine, Stock, decide, evolve
 from schemas.codec import codec
 from schemas.records import (
@@ -61,6 +65,9 @@ log = logging.getLogger(__name__)
 
 # Reads the records of one partition of the commands topic with offsets in [start, end).
 ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
+
+# Events per EventBatch frame: well under Kafka's 1 MB message limit (an event is ~150 bytes).
+EVENTS_PER_FRAME = 1000
 
 
 def broker_url(bootstrap_servers: str) -> str:
@@ -103,8 +110,10 @@ class Batch:
 
     skus: dict[str, Working] = field(default_factory=dict)
     lines: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    events: dict[int, list[Event]] = field(default_factory=dict)  # partition -> events, in order
     deliveries: list[Awaitable[Any]] = field(default_factory=list)
     handled: dict[int, int] = field(default_factory=dict)  # partition -> last offset handled
+    commands: int = 0
 
 
 class CommandHandler:
@@ -133,7 +142,11 @@ class CommandHandler:
         self.last_batch_at = time.monotonic()
 
     async def handle_batch(self, messages: Sequence[Logged]) -> None:
-        """Decide a batch; returns once its events are in the log and its state is saved."""
+        """Decide a batch; returns once its events are in the log and its state is saved.
+
+        Messages may be batch frames, so the work is cut into rounds of about
+        STOCKFLOW_PROCESSOR_BATCH_SIZE commands, each ending with one wait for the broker.
+        """
         self.last_batch_at = time.monotonic()
         batch = Batch()
         for partition in sorted({message.partition for message in messages}):
@@ -145,6 +158,13 @@ class CommandHandler:
             if message.offset > recent.last_offset + 1:
                 await self._repair_gap(message, recent.last_offset + 1, batch)
             await self._handle(message, batch)
+            if batch.commands >= self.settings.processor_batch_size:
+                await self._complete(batch)
+                batch = Batch()
+        await self._complete(batch)
+
+    async def _complete(self, batch: Batch) -> None:
+        await self._send_events(batch)
         await asyncio.gather(*batch.deliveries)
         await self._save(batch)
 
@@ -155,12 +175,9 @@ class CommandHandler:
         recent = self.recent.get(partition)
         if recent is not None and recent.last_offset == handled:
             return
-        start = max(0, handled - self.settings.dedupe_window + 1)
-        recent = RecentCommands(self.settings.dedupe_window, last_offset=start - 1)
-        if handled >= start:
-            for message in await self.read_commands(partition, start, handled + 1):
-                recent.handled(message.offset, decided_command_id(message, self.settings.partitions))
-            recent.last_offset = handled  # also when the oldest records are gone by retention
+        recent = RecentCommands(self.settings.dedupe_window, last_offset=handled)
+        for command_id in await self._recent_ids(partition, handled):
+            recent.handled(handled, command_id)
         self.recent[partition] = recent
         log.info(
             "partition %s: resuming after offset %s with %s recent command ids",
@@ -168,6 +185,33 @@ class CommandHandler:
             handled,
             len(recent),
         )
+
+    async def _recent_ids(self, partition: int, handled: int) -> list[str]:
+        """The ids of the last ``dedupe_window`` commands decided up to offset ``handled``.
+
+        Read backwards in steps, as many messages as the commands still missing need at the
+        commands-per-message seen so far: a window of batch frames is a few messages.
+        """
+        size = self.settings.dedupe_window
+        chunks: list[list[str]] = []
+        found, end, step = 0, handled + 1, min(size, 100)
+        while found < size and end > 0:
+            start = max(0, end - step)
+            messages = await self.read_commands(partition, start, end)
+            ids = [
+                command_id
+                for message in messages
+                for command_id in decided_command_ids(message, self.settings.partitions)
+                if command_id is not None
+            ]
+            chunks.append(ids)
+            found += len(ids)
+            if not messages or messages[0].offset > start:
+                break  # the older commands are gone by retention
+            per_message = found / (handled + 1 - start)
+            step = min(size, math.ceil((size - found) / max(per_message, 1 / size)))
+            end = start
+        return [command_id for ids in reversed(chunks) for command_id in ids][-size:]
 
     async def _repair_gap(self, message: Logged, start: int, batch: Batch) -> None:
         # Faust's stream skipped commands nobody had handled (seen after a worker was SIGKILLed
@@ -184,25 +228,32 @@ class CommandHandler:
 
     async def _handle(self, message: Logged, batch: Batch) -> None:
         try:
-            command = codec.decode_command(message.value)
-            validate_command(command)
+            commands = codec.decode_commands(message.value)
+        except DecodeError as exc:
+            await self._park(message, str(exc), type(exc).__name__, batch)
+            commands = []
+        batch.commands += len(commands)
+        for index, command in enumerate(commands):
+            # A command parked out of a batch frame goes to the DLQ on its own, redrivable.
+            item = None if len(commands) == 1 else (index, command)
+            try:
+                validate_command(command)
+            except InvalidCommand as exc:
+                await self._park(message, str(exc), type(exc).__name__, batch, item)
+                continue
             home = partition_for(command.sku.encode(), self.settings.partitions)
             if home != message.partition:
-                await self._park(
-                    message,
+                reason = (
                     f"command for SKU {command.sku!r} arrived on partition {message.partition}"
                     f" but the SKU belongs on partition {home}: publish with key=SKU and"
-                    " Kafka's murmur2 partitioner",
-                    "WrongPartition",
-                    batch,
+                    " Kafka's murmur2 partitioner"
                 )
-            else:
-                await self._decide(command, message, batch)
-        except (DecodeError, InvalidCommand) as exc:
-            await self._park(message, str(exc), type(exc).__name__, batch)
+                await self._park(message, reason, "WrongPartition", batch, item)
+                continue
+            self._decide(command, message, batch)
         batch.handled[message.partition] = message.offset
 
-    async def _decide(self, command: Command, message: Logged, batch: Batch) -> None:
+    def _decide(self, command: Command, message: Logged, batch: Batch) -> None:
         working = batch.skus.get(command.sku) or self._load(command.sku, message.partition)
         batch.skus[command.sku] = working
         recent = self.recent[message.partition]
@@ -216,22 +267,10 @@ class CommandHandler:
         state = replace(self._with_order_line(working, command), decided=seen)
         now_ms = int(time.time() * 1000)
         for decision in decide(state, command, now_ms):
-            metrics.COMMANDS_DECIDED.labels(type(decision).__name__).inc()
             metrics.DECIDED_LATENCY.observe((now_ms - command.occurred_at) / 1000)
             state = evolve(state, decision)
             self._remember_line(decision, message.offset, batch)
-            delivery = await self.producer.send(
-                self.settings.events_topic,
-                command.sku.encode(),
-                codec.encode(decision),
-                message.partition,
-                None,
-                [
-                    ("type", type(decision).__name__.encode()),
-                    ("correlation_id", decision.correlation_id.encode()),
-                ],
-            )
-            batch.deliveries.append(delivery)
+            batch.events.setdefault(message.partition, []).append(decision)
         recent.handled(message.offset, command.command_id)
         working.stock = state
         working.offset = message.offset
@@ -268,6 +307,22 @@ class CommandHandler:
             line = batch.lines.get(key) or self.table[f"o:{decision.sku}/{decision.order_id}"]
             batch.lines[key] = {**line, "cancelled_at": offset}
 
+    async def _send_events(self, batch: Batch) -> None:
+        for partition, events in batch.events.items():
+            for start in range(0, len(events), EVENTS_PER_FRAME):
+                frame = events[start : start + EVENTS_PER_FRAME]
+                delivery = await self.producer.send(
+                    self.settings.events_topic,
+                    None,  # the partition is named; the frame holds many SKUs of it
+                    codec.encode_batch(frame),
+                    partition,
+                    None,
+                    [("type", b"EventBatch"), ("count", str(len(frame)).encode())],
+                )
+                batch.deliveries.append(delivery)
+            for kind, count in Counter(type(event).__name__ for event in events).items():
+                metrics.COMMANDS_DECIDED.labels(kind).inc(count)
+
     async def _save(self, batch: Batch) -> None:
         # Order matters: a crash keeps a prefix of these writes per partition, and the SKU rows
         # and partition offsets come last.
@@ -280,23 +335,29 @@ class CommandHandler:
         for partition, offset in batch.handled.items():
             await self.table.write(partition, f"p:{partition}", offset)
 
-    async def _park(self, message: Logged, reason: str, error_type: str, batch: Batch) -> None:
+    async def _park(
+        self,
+        message: Logged,
+        reason: str,
+        error_type: str,
+        batch: Batch,
+        item: tuple[int, Command] | None = None,
+    ) -> None:
+        """Send the message to the DLQ with the reason, or only ``item``: (place, command) in it."""
         metrics.DEAD_LETTERS.labels(error_type).inc()
         self.recent[message.partition].handled(message.offset, None)
-        delivery = await self.producer.send(
-            self.settings.dlq_topic,
-            message.key,
-            message.value,
-            None,
-            None,
-            [
-                ("error.reason", reason.encode()),
-                ("error.type", error_type.encode()),
-                ("source.topic", message.topic.encode()),
-                ("source.partition", str(message.partition).encode()),
-                ("source.offset", str(message.offset).encode()),
-            ],
-        )
+        headers = [
+            ("error.reason", reason.encode()),
+            ("error.type", error_type.encode()),
+            ("source.topic", message.topic.encode()),
+            ("source.partition", str(message.partition).encode()),
+            ("source.offset", str(message.offset).encode()),
+        ]
+        value = message.value
+        if item is not None:
+            headers.append(("source.index", str(item[0]).encode()))
+            value = codec.encode(item[1])
+        delivery = await self.producer.send(self.settings.dlq_topic, message.key, value, None, None, headers)
         batch.deliveries.append(delivery)
 
 
@@ -319,6 +380,9 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         producer_acks=-1,
+        # The committed offset is what lag, `stockflow status` and publishers' backpressure
+        # read; Faust's default of 2.8 s makes it trail far behind the work done.
+        broker_commit_interval=0.5,
         broker_session_timeout=settings.processor_session_timeout_s,
         broker_client_id=f"stockflow-processor-{socket.gethostname()}-{os.getpid()}",
         web_enabled=web_port is not None,

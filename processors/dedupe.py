@@ -2,12 +2,14 @@
 
 A publisher that times out and sends a command again (same command id) must not get a second
 decision. The processor recognises such a retry if the first copy is among the last
-``STOCKFLOW_DEDUPE_WINDOW`` command messages of its partition. The window is bounded, so memory
+``STOCKFLOW_DEDUPE_WINDOW`` commands decided on its partition. The window is bounded, so memory
 is too, and it needs no storage of its own: a worker taking a partition over rebuilds it by
-reading those messages back from the commands topic.
+reading those commands back from the commands topic.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from schemas.codec import codec
 from schemas.records import validate_command
@@ -17,46 +19,56 @@ from stockflow.partitioning import partition_for
 
 
 class RecentCommands:
-    """Command ids decided in the partition's offsets ``(last_offset - size, last_offset]``.
+    """The ids of the last ``size`` commands decided on a partition, up to ``last_offset``.
 
-    A ring of the last ``size`` messages' ids, and each id's latest offset for the lookup.
+    Counted in commands, not messages, since one message may hold a batch of them. A queue of
+    the ids in log order, and how many times each is in it, for the lookup.
     """
 
     def __init__(self, size: int, last_offset: int) -> None:
         self.size = size
-        self.last_offset = last_offset
-        self._ring: list[str | None] = [None] * size  # slot offset % size: that message's id
-        self._latest: dict[str, int] = {}  # command id -> offset of its latest copy
+        self.last_offset = last_offset  # the last command message handled
+        self._ids: deque[str] = deque()
+        self._copies: dict[str, int] = {}
 
     def handled(self, offset: int, command_id: str | None) -> None:
-        """Record the message at ``offset``: a decided command's id, or None for one parked."""
+        """Record a command of the message at ``offset``: its id, or None if it was parked."""
         self.last_offset = offset
-        slot = offset % self.size
-        leaving = self._ring[slot]  # from an offset at least `size` back
-        if leaving is not None and self._latest.get(leaving, offset) <= offset - self.size:
-            del self._latest[leaving]  # unless a retry since then keeps it in the window
-        self._ring[slot] = command_id
-        if command_id is not None:
-            self._latest[command_id] = offset
+        if command_id is None:
+            return
+        self._ids.append(command_id)
+        self._copies[command_id] = self._copies.get(command_id, 0) + 1
+        if len(self._ids) > self.size:
+            leaving = self._ids.popleft()
+            if self._copies[leaving] == 1:
+                del self._copies[leaving]
+            else:
+                self._copies[leaving] -= 1  # a retry since then keeps it in the window
 
     def __contains__(self, command_id: str) -> bool:
-        return command_id in self._latest
+        return command_id in self._copies
 
     def __len__(self) -> int:
-        return len(self._latest)
+        return len(self._copies)
 
 
-def decided_command_id(message: Logged, partitions: int) -> str | None:
-    """The id of the command in ``message`` if the processor decides it, None if it parks it.
+def decided_command_ids(message: Logged, partitions: int) -> list[str | None]:
+    """Per command in ``message``, its id if the processor decides it, None if it parks it.
 
     The same checks as the processor's, in the same order: what was parked the first time is
     parked again, so a fixed copy redriven from the DLQ is never taken for a retry.
     """
     try:
-        command = codec.decode_command(message.value)
-        validate_command(command)
-    except (DecodeError, InvalidCommand):
-        return None
-    if partition_for(command.sku.encode(), partitions) != message.partition:
-        return None
-    return command.command_id
+        commands = codec.decode_commands(message.value)
+    except DecodeError:
+        return [None]
+    ids: list[str | None] = []
+    for command in commands:
+        try:
+            validate_command(command)
+        except InvalidCommand:
+            ids.append(None)
+            continue
+        home = partition_for(command.sku.encode(), partitions) == message.partition
+        ids.append(command.command_id if home else None)
+    return ids

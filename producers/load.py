@@ -11,6 +11,9 @@ from producers.commands import place_order
 from producers.publisher import Publisher, PublishError, Receipt
 from schemas.records import Command
 
+# How long a due command may wait for others to share its batch frame, like a producer's linger.
+LINGER_S = 0.005
+
 
 @dataclass(frozen=True)
 class LoadProfile:
@@ -62,25 +65,40 @@ def run_load(
             if len(report.errors) < 10:
                 report.errors.append(str(error))
 
+    pending: list[Command] = []  # due, not yet sent: they go out together, as batch frames
+    pending_since = 0.0
+    chunk = publisher.batch_capacity
+
+    def send_pending() -> None:
+        publisher.send_many(pending, delivered)
+        report.sent += len(pending)
+        pending.clear()
+        if on_progress is not None:
+            on_progress(report.sent)
+
     waited_before = publisher.admission.waited_s if publisher.admission else 0.0
     started = time.monotonic()
     stop_at = started + profile.duration_s if profile.duration_s > 0 else float("inf")
     for i in range(profile.orders):
-        if time.monotonic() >= stop_at:
+        now = time.monotonic()
+        if now >= stop_at:
             break
         if profile.rate > 0:
             # Pace against the schedule, not the previous send, so the rate holds on average.
-            delay = started + i / profile.rate - time.monotonic()
+            delay = started + i / profile.rate - now
             if delay > 0:
+                if pending and now + delay - pending_since >= LINGER_S:
+                    send_pending()  # do not hold a due command longer than LINGER_S
                 publisher.poll(delay)
+        if not pending:
+            pending_since = time.monotonic()
         sku = rng.choice(hot) if hot and rng.random() < profile.hot_share else rng.choice(skus)
-        publisher.send(place_order(sku, rng.randint(1, profile.max_qty)), delivered)
-        report.sent += 1
-        if on_progress is not None and i % 500 == 0:
-            on_progress(report.sent)
+        pending.append(place_order(sku, rng.randint(1, profile.max_qty)))
+        if len(pending) >= chunk:
+            send_pending()
+    if pending:
+        send_pending()
     publisher.flush(60)
     report.elapsed_s = time.monotonic() - started
     report.held_back_s = (publisher.admission.waited_s if publisher.admission else 0.0) - waited_before
-    if on_progress is not None:
-        on_progress(report.sent)
     return report

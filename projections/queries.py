@@ -76,10 +76,6 @@ class ReadModels:
         raw: dict[bytes, bytes] = self._redis.hgetall(LATENCY_KEY)  # type: ignore[assignment]
         return {int(bucket): int(count) for bucket, count in raw.items()}
 
-    def events_applied(self) -> int:
-        """Events the read models hold, all partitions: each watermark is an offset, so + 1."""
-        return sum(offset + 1 for offset in self.watermarks().values())
-
     def watermarks(self) -> dict[int, int]:
         raw: dict[bytes, bytes] = self._redis.hgetall(WATERMARKS_KEY)  # type: ignore[assignment]
         return {int(partition): int(offset) for partition, offset in raw.items()}

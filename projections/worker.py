@@ -100,7 +100,10 @@ class ProjectionWorker:
                     raise RuntimeError(f"Kafka consumer failed: {error}")
                 log.warning("consumer error: %s", error)
                 continue
-            batch.append((message.partition(), message.offset(), self._decode(message)))  # type: ignore[arg-type]
+            partition, offset = message.partition(), message.offset()
+            assert partition is not None and offset is not None
+            # An EventBatch frame holds many events at one offset; None marks a dead letter.
+            batch.extend((partition, offset, event) for event in self._decode(message))
         if not batch:
             return 0
         if any(event is None for _, _, event in batch):
@@ -193,10 +196,10 @@ class ProjectionWorker:
             self._applied.pop(partition, None)
             self._consumer.seek(TopicPartition(self._settings.events_topic, partition, OFFSET_BEGINNING))
 
-    def _decode(self, message: Message) -> Event | None:
+    def _decode(self, message: Message) -> list[Event] | list[None]:
         value = message.value() or b""
         try:
-            return codec.decode_event(value)
+            return codec.decode_events(value)
         except DecodeError as exc:
             # Garbage in the event log must not stop the read models: park it and go on.
             log.error(
@@ -215,7 +218,7 @@ class ProjectionWorker:
                 ],
             )
             self._dead_letters.poll(0)
-            return None
+            return [None]
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._paused = False  # a new assignment starts unpaused

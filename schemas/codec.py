@@ -4,6 +4,11 @@ Frame = ``C3 01`` + 8-byte CRC-64-AVRO fingerprint of the writer schema (little 
 Avro binary body (the Avro specification's "single object encoding"). A reader keeps every
 historical schema version by fingerprint, so old messages stay readable after the schemas
 evolve, and resolves them to the newest version of the same record.
+
+A batch frame (``CommandBatch``, ``EventBatch``) holds many records in one Kafka message: one
+Avro call decodes them all, and one message costs the broker and the clients far less than
+many. Each record keeps its own id. A batch schema embeds its members' schemas, so a new version
+of a command or event needs a new version of its batch too (a unit test checks this).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import dataclasses
 import io
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,11 @@ HEADER_SIZE = len(MAGIC) + 8
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
 
 RECORD_CLASSES: Mapping[str, type[Record]] = {cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES)}
+# Batch record name -> (its array field, the record types it may hold).
+BATCHES: Mapping[str, tuple[str, tuple[type[Record], ...]]] = {
+    "CommandBatch": ("commands", COMMAND_TYPES),
+    "EventBatch": ("events", EVENT_TYPES),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +58,7 @@ class AvroCodec:
             if match is None:
                 raise ValueError(f"{path.name}: schema files are named <Record>.v<N>.avsc")
             name, version = match["name"], int(match["version"])
-            if name not in RECORD_CLASSES:
+            if name not in RECORD_CLASSES and name not in BATCHES:
                 raise ValueError(f"{path.name}: no record class named {name} in schemas.records")
             raw = json.loads(path.read_text())
             parsed = fastavro.parse_schema(raw)
@@ -58,19 +68,31 @@ class AvroCodec:
             self._writers[fp] = writer
             if name not in self._newest or self._newest[name][1].version < version:
                 self._newest[name] = (fp, writer)
-        missing = set(RECORD_CLASSES) - set(self._newest)
+        missing = {*RECORD_CLASSES, *BATCHES} - set(self._newest)
         if missing:
             raise ValueError(f"no schema file for {sorted(missing)} in {schema_dir}")
 
     def encode(self, record: Record) -> bytes:
-        fp, writer = self._newest[type(record).__name__]
+        return self._frame(type(record).__name__, vars(record))
+
+    def encode_batch(self, records: Sequence[Record]) -> bytes:
+        """One frame holding ``records``: all commands, or all events."""
+        for batch, (field, members) in BATCHES.items():
+            if all(isinstance(record, members) for record in records):
+                items = [(f"stockflow.{type(r).__name__}", vars(r)) for r in records]
+                return self._frame(batch, {field: items})
+        raise ValueError("a batch holds only commands or only events, not both")
+
+    def _frame(self, name: str, fields: dict[str, Any]) -> bytes:
+        fp, writer = self._newest[name]
         out = io.BytesIO()
         out.write(MAGIC)
         out.write(fp)
-        fastavro.schemaless_writer(out, writer.schema, dataclasses.asdict(record))
+        fastavro.schemaless_writer(out, writer.schema, fields)
         return out.getvalue()
 
-    def decode(self, data: bytes) -> Record:
+    def decode(self, data: bytes) -> list[Record]:
+        """The records in a frame: one for a single record, all of them for a batch."""
         if len(data) < HEADER_SIZE or data[:2] != MAGIC:
             raise DecodeError(
                 f"not an Avro single-object frame ({len(data)} bytes, starts {data[:4].hex()!r}):"
@@ -85,23 +107,31 @@ class AvroCodec:
             )
         reader = self._newest[writer.name][1]
         try:
-            fields = fastavro.schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.schema, reader.schema)
+            fields = fastavro.schemaless_reader(
+                io.BytesIO(data[HEADER_SIZE:]), writer.schema, reader.schema, return_record_name=True
+            )
         except Exception as exc:  # fastavro raises many types for a corrupt body
             raise DecodeError(f"corrupt {writer.name} v{writer.version} body: {exc}") from exc
         assert isinstance(fields, dict)
-        return RECORD_CLASSES[writer.name](**fields)
+        if writer.name not in BATCHES:
+            return [RECORD_CLASSES[writer.name](**fields)]
+        field, _ = BATCHES[writer.name]
+        # Batch items come as (full name, fields): "stockflow.PlaceOrder" -> PlaceOrder.
+        return [RECORD_CLASSES[name.rpartition(".")[2]](**item) for name, item in fields[field]]
 
-    def decode_command(self, data: bytes) -> Command:
-        record = self.decode(data)
-        if not isinstance(record, COMMAND_TYPES):
-            raise DecodeError(f"expected a command, got a {type(record).__name__} event")
-        return record
+    def decode_commands(self, data: bytes) -> list[Command]:
+        records = self.decode(data)
+        for record in records:
+            if not isinstance(record, COMMAND_TYPES):
+                raise DecodeError(f"expected commands, got a {type(record).__name__} event")
+        return records  # type: ignore[return-value]  # checked above
 
-    def decode_event(self, data: bytes) -> Event:
-        record = self.decode(data)
-        if not isinstance(record, EVENT_TYPES):
-            raise DecodeError(f"expected an event, got a {type(record).__name__} command")
-        return record
+    def decode_events(self, data: bytes) -> list[Event]:
+        records = self.decode(data)
+        for record in records:
+            if not isinstance(record, EVENT_TYPES):
+                raise DecodeError(f"expected events, got a {type(record).__name__} command")
+        return records  # type: ignore[return-value]  # checked above
 
 
 codec = AvroCodec()

@@ -353,6 +353,8 @@ def bench(
         processors=processors,
         projections=projections,
     )
+    # Stopped with SIGTERM (a timeout, a CI runner), still stop the services it started.
+    signal.signal(signal.SIGTERM, lambda _signo, _frame: sys.exit(143))
     run_bench(Settings(), options, say=console.print)
     console.print(f"Report: {out / 'REPORT.md'}; plots: {out}/*.png; JSON: {options.json_path}")
 

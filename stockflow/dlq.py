@@ -46,9 +46,12 @@ def dead_letters(settings: Settings, topic: str | None = None) -> list[DeadLette
 
 def repaired_command(letter: DeadLetter) -> Command:
     """The command in a dead letter, if it is one the pipeline would now accept."""
-    command = codec.decode_command(letter.record.value)
-    validate_command(command)
-    return command
+    commands = codec.decode_commands(letter.record.value)
+    if len(commands) != 1:
+        # The processor parks the commands of a batch frame one by one; this came from elsewhere.
+        raise DecodeError(f"a dead letter holds one command, this one holds {len(commands)}")
+    validate_command(commands[0])
+    return commands[0]
 
 
 @dataclass(frozen=True)

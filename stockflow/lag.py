@@ -14,11 +14,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from stockflow.errors import StackError, StockflowError
 from stockflow.settings import Settings
+
+_COORDINATOR_MOVING = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+}
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +69,19 @@ class LagProbe:
         self._admin: AdminClient | None = None  # made by assignments(); a publisher never asks
 
     def read(self, timeout_s: float = 5.0) -> list[GroupLag]:
-        try:
-            return [self._group_lag(group, topic, timeout_s) for group, topic in self._groups.items()]
-        except KafkaException as exc:
-            raise StackError(
-                f"cannot read consumer lag from Kafka at {self._settings.bootstrap_servers}: {exc};"
-                " is the stack up (`stockflow stack status`)?"
-            ) from exc
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return [self._group_lag(group, topic, timeout_s) for group, topic in self._groups.items()]
+            except KafkaException as exc:
+                # A group coordinator moves or loads for a moment after a broker starts.
+                if exc.args[0].code() in _COORDINATOR_MOVING and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise StackError(
+                    f"cannot read consumer lag from Kafka at {self._settings.bootstrap_servers}: {exc};"
+                    " is the stack up (`stockflow stack status`)?"
+                ) from exc
 
     def _group_lag(self, group: str, topic: str, timeout_s: float) -> GroupLag:
         consumer = self._consumers[group]

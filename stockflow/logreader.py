@@ -116,25 +116,3 @@ def read_range(settings: Settings, topic: str, partition: int, start: int, end: 
         raise StackError(f"could not read {topic}[{partition}] offsets {start}..{end - 1} within 60s")
     finally:
         consumer.close()
-
-
-class LogEnds:
-    """How many records each topic has had (the sum of its partitions' end offsets)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": f"stockflow-reader-{uuid.uuid4().hex}",
-            }
-        )
-
-    def total(self, topic: str) -> int:
-        return sum(
-            _watermarks(self._consumer, TopicPartition(topic, partition), 10.0)[1]
-            for partition in range(self._settings.partitions)
-        )
-
-    def close(self) -> None:
-        self._consumer.close()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import urllib.request
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from stockflow.settings import Settings
 
@@ -59,6 +61,20 @@ def serve(settings: Settings, kind: str) -> str:
     record.write_text(url + "\n")
     atexit.register(record.unlink, missing_ok=True)
     return url
+
+
+def counter_total(settings: Settings, name: str) -> float:
+    """A counter summed over the workers on this machine, e.g. commands decided by all of them."""
+    total = 0.0
+    for url in endpoints(settings).values():
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            continue  # a worker that exited since endpoints() looked
+        for family in text_string_to_metric_families(text):
+            total += sum(s.value for s in family.samples if s.name == f"{name}_total")
+    return total
 
 
 def endpoints(settings: Settings) -> dict[str, str]:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # A processor whose stream delivers nothing this long while commands wait exits (see README).
     processor_stall_timeout_s: float = Field(default=120.0, gt=0)
 
+    # Publishers: at most this many commands of one partition in one Kafka message (send_many).
+    publish_batch_size: int = Field(default=500, ge=1)
+
     # Processor: commands decided per batch (one broker round trip each), and how long a batch
     # waits to fill when commands trickle in (adds at most this much latency).
     processor_batch_size: int = Field(default=2000, ge=1)

@@ -100,23 +100,28 @@ def verify(settings: Settings) -> Report:
 
 
 def _accepted_commands(settings: Settings, report: Report) -> set[str]:
+    # A repeat of a parked command (the processor crashed before saving) is one dead letter.
     dead = {
-        (int(r.headers.get("source.partition", b"-1")), int(r.headers.get("source.offset", b"-1")))
+        tuple(int(r.headers.get(f"source.{name}", b"-1")) for name in ("partition", "offset", "index"))
         for r in read_topic(settings, settings.dlq_topic)
     }
     report.dead_letters = len(dead)
     accepted: set[str] = set()
     for record in read_topic(settings, settings.commands_topic):
         try:
-            command = codec.decode_command(record.value)
-            validate_command(command)
-        except (DecodeError, InvalidCommand):
+            commands = codec.decode_commands(record.value)
+        except DecodeError:
             continue  # must be in the DLQ; counted there
-        if partition_for(command.sku.encode(), settings.partitions) != record.partition:
-            continue  # refused as WrongPartition; in the DLQ
-        if command.command_id in accepted:
-            report.command_repeats += 1
-        accepted.add(command.command_id)
+        for command in commands:
+            try:
+                validate_command(command)
+            except InvalidCommand:
+                continue  # in the DLQ
+            if partition_for(command.sku.encode(), settings.partitions) != record.partition:
+                continue  # refused as WrongPartition; in the DLQ
+            if command.command_id in accepted:
+                report.command_repeats += 1
+            accepted.add(command.command_id)
     report.commands = len(accepted)
     return accepted
 
@@ -128,39 +133,40 @@ def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> 
     decision_of: dict[str, str] = {}  # command id -> event id
     for record in read_topic(settings, settings.events_topic):
         try:
-            event = codec.decode_event(record.value)
+            events = codec.decode_events(record.value)
         except DecodeError:
             continue  # parked in the events DLQ by the projection
-        fingerprint = (type(event).__name__, event.version, event.available_after)
-        seen = first_seen.get(event.event_id)
-        if seen is not None:
-            if seen == fingerprint:
-                report.repeated_events += 1
-            else:
-                report.double_decisions.append(
-                    f"event {event.event_id} of command {event.command_id} logged twice with"
-                    f" different outcomes: {seen} then {fingerprint}"
+        for event in events:
+            fingerprint = (type(event).__name__, event.version, event.available_after)
+            seen = first_seen.get(event.event_id)
+            if seen is not None:
+                if seen == fingerprint:
+                    report.repeated_events += 1
+                else:
+                    report.double_decisions.append(
+                        f"event {event.event_id} of command {event.command_id} logged twice with"
+                        f" different outcomes: {seen} then {fingerprint}"
+                    )
+                continue
+            first_seen[event.event_id] = fingerprint
+            earlier = decision_of.setdefault(event.command_id, event.event_id)
+            if earlier != event.event_id:
+                report.double_decisions.append(f"command {event.command_id} decided twice")
+            undecided.discard(event.command_id)
+            fold = folds.setdefault(event.sku, SkuFold())
+            if event.version != fold.version + 1:
+                report.broken_history.append(
+                    f"SKU {event.sku}: version {event.version} follows {fold.version} at"
+                    f" {record.partition}@{record.offset}"
                 )
-            continue
-        first_seen[event.event_id] = fingerprint
-        earlier = decision_of.setdefault(event.command_id, event.event_id)
-        if earlier != event.event_id:
-            report.double_decisions.append(f"command {event.command_id} decided twice")
-        undecided.discard(event.command_id)
-        fold = folds.setdefault(event.sku, SkuFold())
-        if event.version != fold.version + 1:
-            report.broken_history.append(
-                f"SKU {event.sku}: version {event.version} follows {fold.version} at"
-                f" {record.partition}@{record.offset}"
-            )
-        if event.available_after < 0:
-            report.broken_history.append(f"SKU {event.sku}: negative stock at version {event.version}")
-        fold.available, fold.version = event.available_after, event.version
-        fold.counters[KIND[type(event)]] += 1
-        if isinstance(event, OrderProcessed):
-            fold.counters["units_sold"] += event.qty
-        elif isinstance(event, OrderCancelled):
-            fold.counters["units_sold"] -= event.qty
+            if event.available_after < 0:
+                report.broken_history.append(f"SKU {event.sku}: negative stock at version {event.version}")
+            fold.available, fold.version = event.available_after, event.version
+            fold.counters[KIND[type(event)]] += 1
+            if isinstance(event, OrderProcessed):
+                fold.counters["units_sold"] += event.qty
+            elif isinstance(event, OrderCancelled):
+                fold.counters["units_sold"] -= event.qty
     report.decisions = len(first_seen)
     return folds
 

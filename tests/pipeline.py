@@ -32,7 +32,8 @@ def read_topic(settings: Settings, topic: str) -> list[Logged]:
 
 
 def read_events(settings: Settings) -> list[Event]:
-    return [codec.decode_event(record.value) for record in read_topic(settings, settings.events_topic)]
+    records = read_topic(settings, settings.events_topic)
+    return [event for record in records for event in codec.decode_events(record.value)]
 
 
 def events_for(settings: Settings, sku: str) -> list[Event]:

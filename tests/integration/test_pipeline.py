@@ -12,7 +12,7 @@ from producers.commands import place_order, restock
 from producers.publisher import Publisher
 from projections.queries import ReadModels
 from schemas.codec import codec
-from schemas.records import OrderProcessed, OrderRejected, PlaceOrder, StockReplenished
+from schemas.records import Command, OrderProcessed, OrderRejected, PlaceOrder, StockReplenished
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
@@ -151,3 +151,34 @@ def test_the_publisher_puts_a_sku_where_kafka_s_partitioner_does(
         sku = unique(f"P{i}")
         receipt = publisher.publish(restock(sku, 1))
         assert receipt.partition == partition_for(sku.encode(), settings.partitions), sku
+
+
+def test_a_batch_frame_is_decided_command_by_command_and_parks_only_its_bad_ones(
+    settings: Settings, models: ReadModels, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    partition = partition_for(sku.encode(), settings.partitions)
+    others = (unique(f"S{i}") for i in range(100))
+    stray_sku = next(s for s in others if partition_for(s.encode(), settings.partitions) != partition)
+    order = place_order(sku, 4, order_id=unique("order"))
+    invalid = PlaceOrder(unique("cmd"), "c", 0, sku, "o-bad", qty=0)  # skips the publisher's check
+    stray = restock(stray_sku, 9)
+    # The order twice: a retry inside the frame.
+    frame: list[Command] = [restock(sku, 10), order, invalid, stray, order, place_order(sku, 7)]
+    raw = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    raw.produce(settings.commands_topic, value=codec.encode_batch(frame), partition=partition)
+    assert raw.flush(10) == 0
+
+    wait_for("the frame's last order", lambda: (models.stock(sku) or {}).get("version") == 3)
+    events = events_for(settings, sku)
+    assert [type(e) for e in events] == [StockReplenished, OrderProcessed, OrderRejected]
+    assert events[1].command_id == order.command_id and events[2].available_after == 6
+
+    def parked() -> dict[bytes, bytes]:
+        bad = (codec.encode(invalid), codec.encode(stray))
+        letters = [r for r in read_topic(settings, settings.dlq_topic) if r.value in bad]
+        return {r.headers["error.type"]: r.headers["source.index"] for r in letters}
+
+    wait_for("the frame's two bad commands in the DLQ", lambda: len(parked()) == 2)
+    assert parked() == {b"InvalidCommand": b"2", b"WrongPartition": b"3"}
+    assert stray_sku not in {e.sku for e in read_events(settings)}

@@ -12,7 +12,7 @@ import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from producers.commands import cancel_order, place_order, restock
-from schemas.codec import HEADER_SIZE, MAGIC, SCHEMA_DIR, AvroCodec, codec
+from schemas.codec import BATCHES, HEADER_SIZE, MAGIC, SCHEMA_DIR, AvroCodec, codec
 from schemas.records import COMMAND_TYPES, EVENT_TYPES, Command, Record, Restock
 from stockflow.errors import DecodeError
 from tests.history import decided
@@ -38,12 +38,41 @@ def test_every_record_type_is_covered() -> None:
 def test_round_trip(record: Record) -> None:
     data = codec.encode(record)
     assert data[:2] == MAGIC
-    assert codec.decode(data) == record
+    assert codec.decode(data) == [record]
+
+
+def test_a_batch_frame_round_trips_in_order() -> None:
+    records = every_record()
+    commands = [r for r in records if isinstance(r, COMMAND_TYPES)]
+    events = [r for r in records if isinstance(r, EVENT_TYPES)]
+    assert codec.decode_commands(codec.encode_batch(commands)) == commands
+    assert codec.decode_events(codec.encode_batch(events)) == events
+
+
+def test_a_batch_holds_commands_or_events_not_both() -> None:
+    with pytest.raises(ValueError, match="only commands or only events"):
+        codec.encode_batch(every_record())
 
 
 def test_commands_and_events_are_told_apart() -> None:
-    with pytest.raises(DecodeError, match="expected an event, got a Restock command"):
-        codec.decode_event(codec.encode(restock("SKU-1", 1)))
+    with pytest.raises(DecodeError, match="expected events, got a Restock command"):
+        codec.decode_events(codec.encode(restock("SKU-1", 1)))
+    commands: list[Command] = [restock("SKU-1", 1), place_order("SKU-1", 1)]
+    with pytest.raises(DecodeError, match="expected events, got a Restock command"):
+        codec.decode_events(codec.encode_batch(commands))
+
+
+def test_each_batch_schema_embeds_the_newest_schema_of_every_member() -> None:
+    # A new version of a command or event needs a new version of its batch, or batch frames
+    # would go on being written with the old one.
+    for batch, (field, members) in BATCHES.items():
+        newest = max(SCHEMA_DIR.glob(f"{batch}.v*.avsc"), key=lambda p: int(p.name.split(".")[1][1:]))
+        [array] = [f["type"] for f in json.loads(newest.read_text())["fields"] if f["name"] == field]
+        embedded = {item["name"]: item for item in array["items"]}
+        assert set(embedded) == {cls.__name__ for cls in members}, batch
+        for name, schema in embedded.items():
+            member = max(SCHEMA_DIR.glob(f"{name}.v*.avsc"), key=lambda p: int(p.name.split(".")[1][1:]))
+            assert schema == json.loads(member.read_text()), f"{batch} embeds an old {name}: add {batch} v+1"
 
 
 @pytest.mark.parametrize(
@@ -78,7 +107,7 @@ def test_a_message_written_with_an_older_schema_is_read_with_the_newest(tmp_path
     fastavro.schemaless_writer(body, fastavro.parse_schema(v0), fields)
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(v0), "CRC-64-AVRO"))
 
-    decoded = AvroCodec(tmp_path).decode(MAGIC + fp + body.getvalue())
+    [decoded] = AvroCodec(tmp_path).decode(MAGIC + fp + body.getvalue())
 
     assert decoded == Restock("c-1", "c-1", 5, "SKU-1", 4, expected_version=None)
     with pytest.raises(DecodeError, match="unknown schema fingerprint"):
@@ -96,13 +125,18 @@ def test_every_historical_schema_resolves_to_the_newest_version() -> None:
     by_name: dict[str, list[Path]] = {}
     for path in SCHEMA_DIR.glob("*.avsc"):
         by_name.setdefault(path.name.split(".")[0], []).append(path)
-    examples = {type(r).__name__: r for r in every_record()}
+    examples = {type(r).__name__: vars(r) for r in every_record()}
+    commands = [r for r in every_record() if isinstance(r, COMMAND_TYPES)]
+    events = [r for r in every_record() if isinstance(r, EVENT_TYPES)]
+    for batch, records in (("CommandBatch", commands), ("EventBatch", events)):
+        field = BATCHES[batch][0]
+        examples[batch] = {field: [(f"stockflow.{type(r).__name__}", vars(r)) for r in records]}
     for name, paths in by_name.items():
         paths.sort(key=lambda p: int(p.name.split(".")[1][1:]))
         reader = fastavro.parse_schema(json.loads(paths[-1].read_text()))
         for path in paths:
             writer = fastavro.parse_schema(json.loads(path.read_text()))
             buffer = io.BytesIO()
-            fastavro.schemaless_writer(buffer, writer, dataclasses.asdict(examples[name]))
+            fastavro.schemaless_writer(buffer, writer, examples[name])
             buffer.seek(0)
             fastavro.schemaless_reader(buffer, writer, reader)  # raises if not resolvable

@@ -1,10 +1,10 @@
-"""The retry window: bounded by offsets, and rebuilt with the processor's own checks."""
+"""The retry window: bounded in commands, and rebuilt with the processor's own checks."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from processors.dedupe import RecentCommands, decided_command_id
+from processors.dedupe import RecentCommands, decided_command_ids
 from producers.commands import place_order
 from schemas.codec import codec
 from stockflow.logreader import Logged
@@ -13,15 +13,16 @@ from stockflow.partitioning import partition_for
 PARTITIONS = 4
 
 
-def test_an_id_stays_for_exactly_size_messages() -> None:
+def test_an_id_stays_for_exactly_size_commands() -> None:
     recent = RecentCommands(size=3, last_offset=-1)
     recent.handled(0, "a")
-    recent.handled(1, None)  # a parked message still counts towards the window
-    recent.handled(2, "b")
-    assert "a" in recent and "b" in recent
-    recent.handled(3, "c")
+    recent.handled(1, None)  # a parked command is not in the window
+    recent.handled(1, "b")
+    recent.handled(2, "c")  # a, b, c: the window is full
+    assert "a" in recent and recent.last_offset == 2
+    recent.handled(2, "d")  # a batch frame: many commands at one offset
     assert "a" not in recent
-    assert ("b" in recent, "c" in recent, len(recent)) == (True, True, 2)
+    assert ("b" in recent, "c" in recent, "d" in recent, len(recent)) == (True, True, True, 3)
 
 
 def test_a_retry_inside_the_window_keeps_the_id_longer() -> None:
@@ -46,12 +47,19 @@ def logged(value: bytes, partition: int) -> Logged:
     return Logged("stockflow.commands", partition, 0, None, value, {})
 
 
-def test_decided_command_id_parks_what_the_processor_parks() -> None:
+def test_decided_command_ids_parks_what_the_processor_parks() -> None:
     command = place_order("SKU-7", 2)
     home = partition_for(b"SKU-7", PARTITIONS)
     value = codec.encode(command)
-    assert decided_command_id(logged(value, home), PARTITIONS) == command.command_id
-    assert decided_command_id(logged(value, (home + 1) % PARTITIONS), PARTITIONS) is None
-    assert decided_command_id(logged(b"\x00garbage", home), PARTITIONS) is None
-    invalid = codec.encode(dataclasses.replace(command, qty=-1))
-    assert decided_command_id(logged(invalid, home), PARTITIONS) is None
+    assert decided_command_ids(logged(value, home), PARTITIONS) == [command.command_id]
+    assert decided_command_ids(logged(value, (home + 1) % PARTITIONS), PARTITIONS) == [None]
+    assert decided_command_ids(logged(b"\x00garbage", home), PARTITIONS) == [None]
+    invalid = dataclasses.replace(command, qty=-1)
+    assert decided_command_ids(logged(codec.encode(invalid), home), PARTITIONS) == [None]
+    other = place_order("SKU-7", 1)
+    frame = codec.encode_batch([command, invalid, other])
+    assert decided_command_ids(logged(frame, home), PARTITIONS) == [
+        command.command_id,
+        None,
+        other.command_id,
+    ]
