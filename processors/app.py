@@ -28,6 +28,7 @@ Processing guarantee: Faust's at-least-once, made exact for decisions.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 # Reads the records of one partition of the commands topic with offsets in [start, end).
 ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
 
+COMPACT = (",", ":")  # JSON separators, as Faust writes its table changelogs
+
 # Events per EventBatch frame: well under Kafka's 1 MB message limit (an event is ~150 bytes).
 EVENTS_PER_FRAME = 1000
 
@@ -81,16 +84,23 @@ class StateTable(faust.Table[str, Any]):
     be written inside per-event iteration, and queues each write in Faust's producer buffer,
     which throttles the stream once it holds 100 messages. The processor writes a whole batch
     after its events are acknowledged, so it names each write's partition and sends it itself.
+    Keys and values are JSON, as Faust's own "json" serializer writes them (recovery reads them
+    back with it), encoded here without the serializer registry, which cost a fifth of a write.
     """
+
+    # Reads go to ``self.data`` (the store) directly: a Table's own get() takes a slow path
+    # through __missing__ for every key it lacks, and most order ids are new.
 
     async def write(self, partition: int, key: str, value: Any) -> Awaitable[Any]:
         """Set ``key`` and send the change to its changelog partition; returns the delivery."""
         self.data[key] = value
-        topic = self.changelog_topic
-        key_bytes, _ = topic.prepare_key(key, self.key_serializer)
-        value_bytes, _ = topic.prepare_value(value, self.value_serializer)
         return await self.app.producer.send(
-            topic.get_topic_name(), key_bytes, value_bytes, partition, None, None
+            self.changelog_topic.get_topic_name(),
+            json.dumps(key, separators=COMPACT).encode(),
+            json.dumps(value, separators=COMPACT).encode(),
+            partition,
+            None,
+            None,
         )
 
 
@@ -170,7 +180,7 @@ class CommandHandler:
 
     async def _take_over_if_needed(self, partition: int) -> None:
         """Rebuild a partition's retry window unless this worker has handled it all along."""
-        saved = self.table.get(f"p:{partition}")
+        saved = self.table.data.get(f"p:{partition}")
         handled = -1 if saved is None else int(saved)
         recent = self.recent.get(partition)
         if recent is not None and recent.last_offset == handled:
@@ -233,6 +243,10 @@ class CommandHandler:
             await self._park(message, str(exc), type(exc).__name__, batch)
             commands = []
         batch.commands += len(commands)
+        if commands:
+            # One latency sample per message: a frame's commands were created within a few ms
+            # of each other, and a sample per command cost the processor 7% of its time.
+            metrics.DECIDED_LATENCY.observe(time.time() - commands[0].occurred_at / 1000)
         for index, command in enumerate(commands):
             # A command parked out of a batch frame goes to the DLQ on its own, redrivable.
             item = None if len(commands) == 1 else (index, command)
@@ -267,7 +281,6 @@ class CommandHandler:
         state = replace(self._with_order_line(working, command), decided=seen)
         now_ms = int(time.time() * 1000)
         for decision in decide(state, command, now_ms):
-            metrics.DECIDED_LATENCY.observe((now_ms - command.occurred_at) / 1000)
             state = evolve(state, decision)
             self._remember_line(decision, message.offset, batch)
             batch.events.setdefault(message.partition, []).append(decision)
@@ -276,7 +289,7 @@ class CommandHandler:
         working.offset = message.offset
 
     def _load(self, sku: str, partition: int) -> Working:
-        row = self.table.get(f"s:{sku}") or {"available": 0, "version": 0, "offset": -1}
+        row = self.table.data.get(f"s:{sku}") or {"available": 0, "version": 0, "offset": -1}
         stock = Stock(sku, row["available"], row["version"])
         return Working(stock, partition, saved_offset=row["offset"], offset=row["offset"])
 
@@ -285,7 +298,7 @@ class CommandHandler:
         stock = working.stock
         if not isinstance(command, (PlaceOrder, CancelOrder)) or command.order_id in stock.orders:
             return stock
-        saved = self.table.get(f"o:{stock.sku}/{command.order_id}")
+        saved = self.table.data.get(f"o:{stock.sku}/{command.order_id}")
         # A line written after its SKU row was saved belongs to commands that will be decided
         # again: a crash kept the line but not the row.
         if saved is None or saved["placed_at"] > working.saved_offset:
@@ -304,7 +317,7 @@ class CommandHandler:
             }
         elif isinstance(decision, OrderCancelled):
             key = (decision.sku, decision.order_id)
-            line = batch.lines.get(key) or self.table[f"o:{decision.sku}/{decision.order_id}"]
+            line = batch.lines.get(key) or self.table.data[f"o:{decision.sku}/{decision.order_id}"]
             batch.lines[key] = {**line, "cancelled_at": offset}
 
     async def _send_events(self, batch: Batch) -> None:

@@ -12,7 +12,7 @@ from producers.publisher import Publisher, PublishError, Receipt
 from schemas.records import Command
 
 # How long a due command may wait for others to share its batch frame, like a producer's linger.
-LINGER_S = 0.005
+LINGER_S = 0.02
 
 
 @dataclass(frozen=True)

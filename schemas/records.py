@@ -6,6 +6,7 @@ the codec maps between these classes and Avro records explicitly.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -134,7 +135,13 @@ _EVENT_ID_NAMESPACE = uuid.UUID("6f1c7a52-3a57-4c1e-9a53-2f4f0d6c1b7e")
 
 
 def event_id_for(command_id: str, index: int = 0) -> str:
-    return str(uuid.uuid5(_EVENT_ID_NAMESPACE, f"{command_id}/{index}"))
+    """``str(uuid.uuid5(namespace, f"{command_id}/{index}"))``, without building UUID objects,
+    which cost the processor a tenth of its time."""
+    digest = bytearray(hashlib.sha1(_EVENT_ID_NAMESPACE.bytes + f"{command_id}/{index}".encode()).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 def validate_command(command: Command) -> None:

@@ -32,7 +32,7 @@ COMMAND_RETRIES = Counter(
 DEAD_LETTERS = Counter("stockflow_dead_letters_total", "Messages parked in a dead-letter topic", ["type"])
 DECIDED_LATENCY = Histogram(
     "stockflow_command_decided_seconds",
-    "Command created -> decided by the processor",
+    "Command created -> decided by the processor (one sample per message: a frame counts once)",
     buckets=LATENCY_BUCKETS,
 )
 EVENTS_PROJECTED = Counter("stockflow_events_projected_total", "Events applied to the Redis read models")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from schemas.records import (
     OrderRejected,
     RestockRejected,
     StockReplenished,
+    event_id_for,
 )
 
 SKU = "SKU-1"
@@ -132,3 +135,10 @@ def test_stock_never_goes_negative_and_replay_is_deterministic(
     reserved = sum(line.qty for line in state.orders.values() if not line.cancelled)
     restocked = sum(e.qty for e in log if isinstance(e, StockReplenished))
     assert state.available + reserved == restocked  # no unit created or lost
+
+
+def test_event_ids_are_the_uuid5_of_the_command_id_and_index() -> None:
+    namespace = uuid.UUID("6f1c7a52-3a57-4c1e-9a53-2f4f0d6c1b7e")
+    for command_id in ("c-1", str(uuid.uuid4()), "ünïcode"):
+        for index in (0, 1, 7):
+            assert event_id_for(command_id, index) == str(uuid.uuid5(namespace, f"{command_id}/{index}"))
