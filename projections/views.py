@@ -89,20 +89,23 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
             )
         )
         if order_id and _supersedes(event, plan.order_lines.get((order_id, event.sku))):
-            status = {
-                "status": ORDER_STATUS[type(event)],
-                "qty": event.qty,
-                "reason": getattr(event, "reason", ""),
-                "version": event.version,
-                "updated_at": event.occurred_at,
-            }
             plan.order_lines[(order_id, event.sku)] = OrderLineStatus(
-                event.sku,
-                event.version,
-                isinstance(event, OrderRejected),
-                json.dumps(status, separators=(",", ":")),
+                event.sku, event.version, isinstance(event, OrderRejected), order_document(event)
             )
     return plan
+
+
+def order_document(event: Event) -> str:
+    """An order line's status as compact JSON: status, qty, reason, version, updated_at.
+
+    Formatted directly: json.dumps of a dict per event was a quarter of a replay's time.
+    """
+    reason = getattr(event, "reason", "")
+    return (
+        f'{{"status":"{ORDER_STATUS[type(event)]}","qty":{event.qty},'
+        f'"reason":{json.dumps(reason) if reason else chr(34) * 2},'
+        f'"version":{event.version},"updated_at":{event.occurred_at}}}'
+    )
 
 
 def _supersedes(event: Event, newest: OrderLineStatus | None) -> bool:

@@ -33,6 +33,8 @@ HEADER_SIZE = len(MAGIC) + 8
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
 
 RECORD_CLASSES: Mapping[str, type[Record]] = {cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES)}
+# Full Avro name -> class, for the items of a batch: "stockflow.PlaceOrder" -> PlaceOrder.
+_BY_FULL_NAME: Mapping[str, type[Record]] = {f"stockflow.{name}": cls for name, cls in RECORD_CLASSES.items()}
 # Batch record name -> (its array field, the record types it may hold).
 BATCHES: Mapping[str, tuple[str, tuple[type[Record], ...]]] = {
     "CommandBatch": ("commands", COMMAND_TYPES),
@@ -116,8 +118,7 @@ class AvroCodec:
         if writer.name not in BATCHES:
             return [RECORD_CLASSES[writer.name](**fields)]
         field, _ = BATCHES[writer.name]
-        # Batch items come as (full name, fields): "stockflow.PlaceOrder" -> PlaceOrder.
-        return [RECORD_CLASSES[name.rpartition(".")[2]](**item) for name, item in fields[field]]
+        return [_BY_FULL_NAME[name](**item) for name, item in fields[field]]  # (full name, fields)
 
     def decode_commands(self, data: bytes) -> list[Command]:
         records = self.decode(data)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from producers.commands import cancel_order, place_order, restock
-from projections.views import latency_bucket, percentile, plan_writes
+from projections.views import ORDER_STATUS, latency_bucket, order_document, percentile, plan_writes
+from schemas.records import Event, OrderRejected
 from tests.history import decided
 
 
@@ -53,3 +56,20 @@ def test_percentiles_of_a_histogram() -> None:
     assert percentile(histogram, 0.99) == 10
     assert percentile(histogram, 0.999) == 500
     assert percentile({}, 0.99) == 0
+
+
+def test_an_order_document_is_the_json_of_its_status() -> None:
+    awkward = OrderRejected("e", "c", "c", 1, 1, "SKU-1", 3, "o-1", 2, 0, 'a "quoted" \\ reason, ünïcode')
+    events: list[Event] = [*decided("SKU-1", place_order("SKU-1", 1), restock("SKU-1", 1)), awkward]
+    events.append(decided("SKU-1", restock("SKU-1", 5), place_order("SKU-1", 2))[1])
+    for event in events:
+        if not hasattr(event, "order_id"):
+            continue
+        expected = {
+            "status": ORDER_STATUS[type(event)],
+            "qty": event.qty,
+            "reason": getattr(event, "reason", ""),
+            "version": event.version,
+            "updated_at": event.occurred_at,
+        }
+        assert json.loads(order_document(event)) == expected
