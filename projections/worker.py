@@ -31,6 +31,9 @@ from stockflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Messages taken per consume() call while filling a batch: small, since one may hold many events.
+CONSUME_STEP = 50
+
 
 class ProjectionWorker:
     def __init__(self, settings: Settings) -> None:
@@ -88,22 +91,26 @@ class ProjectionWorker:
             return 0
         self._rebuild(self._lost_watermarks())
         # consume(n, timeout) waits for a full batch; wait only for the first event, then take
-        # what has already been fetched, so a trickle of events is not held back.
-        messages = self._consumer.consume(1, timeout_s)
-        if messages and self._settings.projection_batch_size > 1:
-            messages += self._consumer.consume(self._settings.projection_batch_size - 1, 0)
+        # what has already been fetched, so a trickle of events is not held back. A message may
+        # be a frame of many events: take messages in small steps until the batch is full.
+        size = self._settings.projection_batch_size
         batch: list[tuple[int, int, Event | None]] = []
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise RuntimeError(f"Kafka consumer failed: {error}")
-                log.warning("consumer error: %s", error)
-                continue
-            partition, offset = message.partition(), message.offset()
-            assert partition is not None and offset is not None
-            # An EventBatch frame holds many events at one offset; None marks a dead letter.
-            batch.extend((partition, offset, event) for event in self._decode(message))
+        messages = self._consumer.consume(1, timeout_s)
+        while messages:
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.fatal():
+                        raise RuntimeError(f"Kafka consumer failed: {error}")
+                    log.warning("consumer error: %s", error)
+                    continue
+                partition, offset = message.partition(), message.offset()
+                assert partition is not None and offset is not None
+                # An EventBatch frame holds many events at one offset; None marks a dead letter.
+                batch.extend((partition, offset, event) for event in self._decode(message))
+            if len(batch) >= size:
+                break
+            messages = self._consumer.consume(min(size - len(batch), CONSUME_STEP), 0)
         if not batch:
             return 0
         if any(event is None for _, _, event in batch):
