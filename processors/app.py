@@ -15,6 +15,7 @@ Processing guarantee: Faust's at-least-once, made exact for decisions.
 - Everything a command changes is one table, so it goes to one changelog partition in order,
   the SKU rows and the partition's handled offset last: a crash keeps a consistent prefix, and
   order lines carry the offsets that wrote them, so a line ahead of its SKU row is ignored.
+  A batch's order lines are one changelog record per partition, not one per order.
 - A replayed command already in the state is skipped by offset; one whose state did not
   survive is decided again from the same prior state, giving the same event (same id, same
   version), which every reader drops as a repeat.
@@ -69,6 +70,9 @@ ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
 
 COMPACT = (",", ":")  # JSON separators, as Faust writes its table changelogs
 
+# An order line as the table keeps it: [qty, placed_at, cancelled_at] (offsets; -1 = not yet).
+Line = list[int]
+
 # Events per EventBatch frame: well under Kafka's 1 MB message limit (an event is ~150 bytes).
 EVENTS_PER_FRAME = 1000
 
@@ -119,7 +123,7 @@ class Batch:
     """What a batch of commands changes, held until the broker has acknowledged its events."""
 
     skus: dict[str, Working] = field(default_factory=dict)
-    lines: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    lines: dict[int, dict[str, Line]] = field(default_factory=dict)  # partition -> new lines
     events: dict[int, list[Event]] = field(default_factory=dict)  # partition -> events, in order
     deliveries: list[Awaitable[Any]] = field(default_factory=list)
     handled: dict[int, int] = field(default_factory=dict)  # partition -> last offset handled
@@ -130,8 +134,9 @@ class CommandHandler:
     """Decides batches of command messages against the table. Table keys:
 
     - ``s:<sku>``: ``{"available", "version", "offset"}``, offset of the last command applied
-    - ``o:<sku>/<order_id>``: ``{"qty", "placed_at", "cancelled_at"}`` (offsets; -1 = not
-      cancelled), what a cancel needs
+    - ``l:<partition>:<n>``: the order lines a batch placed or cancelled on the partition,
+      ``{"<sku>/<order_id>": [qty, placed_at, cancelled_at]}`` (offsets; -1 = not cancelled),
+      what a cancel needs; n counts up, and a later record's line replaces an earlier one
     - ``p:<partition>``: offset of the last command message handled on that partition
     """
 
@@ -148,6 +153,8 @@ class CommandHandler:
         # much again per message in bookkeeping this handler does not need.
         self.producer = producer
         self.read_commands = read_commands
+        self.lines: dict[int, dict[str, Line]] = {}  # partition -> every order line saved
+        self.next_chunk: dict[int, int] = {}  # partition -> n of its next l: record
         self.recent: dict[int, RecentCommands] = {}
         self.last_batch_at = time.monotonic()
 
@@ -189,12 +196,27 @@ class CommandHandler:
         for command_id in await self._recent_ids(partition, handled):
             recent.handled(handled, command_id)
         self.recent[partition] = recent
+        self._index_lines(partition)
         log.info(
             "partition %s: resuming after offset %s with %s recent command ids",
             partition,
             handled,
             len(recent),
         )
+
+    def _index_lines(self, partition: int) -> None:
+        """Index the partition's order lines as the table holds them, newest record last."""
+        prefix = f"l:{partition}:"
+        chunks = sorted(
+            (int(key[len(prefix) :]), value)
+            for key, value in self.table.data.items()
+            if key.startswith(prefix)
+        )
+        lines: dict[str, Line] = {}
+        for _, chunk in chunks:
+            lines.update(chunk)
+        self.lines[partition] = lines
+        self.next_chunk[partition] = chunks[-1][0] + 1 if chunks else 0
 
     async def _recent_ids(self, partition: int, handled: int) -> list[str]:
         """The ids of the last ``dedupe_window`` commands decided up to offset ``handled``.
@@ -282,7 +304,7 @@ class CommandHandler:
         now_ms = int(time.time() * 1000)
         for decision in decide(state, command, now_ms):
             state = evolve(state, decision)
-            self._remember_line(decision, message.offset, batch)
+            self._remember_line(decision, message.partition, message.offset, batch)
             batch.events.setdefault(message.partition, []).append(decision)
         recent.handled(message.offset, command.command_id)
         working.stock = state
@@ -298,27 +320,24 @@ class CommandHandler:
         stock = working.stock
         if not isinstance(command, (PlaceOrder, CancelOrder)) or command.order_id in stock.orders:
             return stock
-        saved = self.table.data.get(f"o:{stock.sku}/{command.order_id}")
+        saved = self.lines[working.partition].get(f"{stock.sku}/{command.order_id}")
         # A line written after its SKU row was saved belongs to commands that will be decided
         # again: a crash kept the line but not the row.
-        if saved is None or saved["placed_at"] > working.saved_offset:
+        if saved is None or saved[1] > working.saved_offset:
             return stock
-        cancelled = 0 <= saved["cancelled_at"] <= working.saved_offset
-        line = OrderLine(saved["qty"], cancelled)
+        qty, _placed_at, cancelled_at = saved
+        line = OrderLine(qty, 0 <= cancelled_at <= working.saved_offset)
         working.stock = replace(stock, orders={**stock.orders, command.order_id: line})
         return working.stock
 
-    def _remember_line(self, decision: Event, offset: int, batch: Batch) -> None:
+    def _remember_line(self, decision: Event, partition: int, offset: int, batch: Batch) -> None:
+        key = f"{decision.sku}/{getattr(decision, 'order_id', '')}"
         if isinstance(decision, OrderProcessed):
-            batch.lines[(decision.sku, decision.order_id)] = {
-                "qty": decision.qty,
-                "placed_at": offset,
-                "cancelled_at": -1,
-            }
+            batch.lines.setdefault(partition, {})[key] = [decision.qty, offset, -1]
         elif isinstance(decision, OrderCancelled):
-            key = (decision.sku, decision.order_id)
-            line = batch.lines.get(key) or self.table.data[f"o:{decision.sku}/{decision.order_id}"]
-            batch.lines[key] = {**line, "cancelled_at": offset}
+            new = batch.lines.setdefault(partition, {})
+            qty, placed_at, _ = new.get(key) or self.lines[partition][key]
+            new[key] = [qty, placed_at, offset]
 
     async def _send_events(self, batch: Batch) -> None:
         for partition, events in batch.events.items():
@@ -339,8 +358,11 @@ class CommandHandler:
     async def _save(self, batch: Batch) -> None:
         # Order matters: a crash keeps a prefix of these writes per partition, and the SKU rows
         # and partition offsets come last.
-        for (sku, order_id), line in batch.lines.items():
-            await self.table.write(batch.skus[sku].partition, f"o:{sku}/{order_id}", line)
+        for partition, lines in batch.lines.items():
+            chunk = self.next_chunk[partition]
+            self.next_chunk[partition] = chunk + 1
+            await self.table.write(partition, f"l:{partition}:{chunk}", lines)
+            self.lines[partition].update(lines)
         for sku, working in batch.skus.items():
             if working.offset != working.saved_offset:
                 row = {"available": working.stock.available, "version": working.stock.version}

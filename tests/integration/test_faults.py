@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from producers.commands import restock
+from producers.commands import cancel_order, place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
+from schemas.records import Event, OrderCancelled, OrderRejected
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
 from stockflow.verify import Report, verify
-from tests.pipeline import wait_for
+from tests.pipeline import events_for, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -49,13 +50,13 @@ def test_verify_passes_on_a_healthy_pipeline(settings: Settings, stack: LocalSta
 @dataclass(frozen=True)
 class FaultRun:
     report: Report
-    in_flight: int  # commands accepted by Kafka but not yet decided when the fault hit
+    pending: int  # commands of the run not yet decided when the fault hit (sent or still to send)
     recovered_s: float  # from the fault until verify passed (includes finishing the load)
 
     def line(self, fault: str) -> str:
         r = self.report
         return (
-            f"{fault}: {self.in_flight} commands in flight, {r.repeated_events} repeated events,"
+            f"{fault}: {self.pending} commands still to decide, {r.repeated_events} repeated events,"
             f" {r.command_repeats} retried commands, {len(r.lost)} lost,"
             f" {len(r.double_decisions)} double decisions, verified {self.recovered_s:.1f}s after"
         )
@@ -64,13 +65,14 @@ class FaultRun:
 def load_with_fault(
     settings: Settings, stack: LocalStack, prefix: str, inject: Callable[[], None]
 ) -> FaultRun:
-    """20,000 orders on 200 SKUs, and 500 commands a publisher retries across the fault.
+    """20,000 orders on 200 SKUs at 2,000/s, and 500 commands a publisher retries across the fault.
 
     ``inject`` runs once 2,000 of its commands are decided.
     """
     baseline = verify(settings).decisions  # the session's earlier tests share the topics
     publisher = Publisher(settings)
-    profile = LoadProfile(orders=20_000, skus=200, hot_skus=10, sku_prefix=prefix, seed=7)
+    # Paced over 10 s, so the fault lands mid-load: unpaced, batch frames are all in within a second.
+    profile = LoadProfile(orders=20_000, rate=2_000, skus=200, hot_skus=10, sku_prefix=prefix, seed=7)
     for sku in profile.sku_names():
         publisher.send(restock(sku, 150))
     retried = [restock(sku, 1) for sku in profile.sku_names()[:100] for _ in range(5)]
@@ -81,8 +83,7 @@ def load_with_fault(
     sender = threading.Thread(target=lambda: done.append(run_load(publisher, profile)))
     sender.start()
     started = wait_for("2,000 decisions", lambda: decided_beyond(settings, baseline + 2_000), 120)
-    # Commands in the log when verify began that had no decision when it finished reading.
-    in_flight = len(started.lost)
+    pending = baseline + len(profile.sku_names()) + len(retried) + profile.orders - started.decisions
     injected_at = time.monotonic()
     inject()
     sender.join(300)
@@ -92,7 +93,7 @@ def load_with_fault(
     assert publisher.flush(60) == 0
     report = quiet_verify(settings, timeout_s=300)
     assert report.command_repeats >= len(retried)
-    return FaultRun(report, in_flight, time.monotonic() - injected_at)
+    return FaultRun(report, pending, time.monotonic() - injected_at)
 
 
 def decided_beyond(settings: Settings, decisions: int) -> Report | None:
@@ -156,3 +157,30 @@ def test_redis_losing_all_its_data_mid_load_is_noticed_and_rebuilt(
     assert run.report.problems == []
     log = stack.worker("projection", 1).log_file.read_text()
     assert "Redis lost data" in log  # rebuilt because it noticed, not by chance
+
+
+def test_an_order_placed_before_a_processor_crash_can_be_cancelled_after_it(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    # The processor's order lines live in its table's changelog, a record per batch: the
+    # worker that takes over must find them to release an order's units.
+    sku = unique("CRASH")
+    publisher = Publisher(settings)
+    publisher.publish(restock(sku, 10))
+    placed = [place_order(sku, qty, order_id=unique(f"o{qty}")) for qty in (1, 2, 3)]
+    publisher.send_many(placed)
+    assert publisher.flush(30) == 0
+    wait_for("the orders to be decided", lambda: len(events_for(settings, sku)) == 4, 60)
+
+    kill_and_restart(stack, "processor")
+    publisher.publish(cancel_order(sku, placed[1].order_id))
+    publisher.publish(cancel_order(sku, placed[1].order_id))  # a second cancel is refused
+
+    def cancels() -> list[Event] | None:
+        decided = events_for(settings, sku)[4:]
+        return decided if len(decided) == 2 else None
+
+    events = wait_for("both cancels to be decided", cancels, 120)
+    assert isinstance(events[0], OrderCancelled) and events[0].qty == 2 and events[0].available_after == 6
+    assert isinstance(events[1], OrderRejected) and "already cancelled" in events[1].reason
+    publisher.close()

@@ -48,7 +48,8 @@ def test_two_workers_of_each_kind_share_the_partitions_and_survive_losing_one(
         print(f"\npartitions spread over: {spread}")
 
         baseline = verify(settings).decisions
-        profile = LoadProfile(orders=20_000, skus=200, sku_prefix=unique("SCALE") + "-", seed=11)
+        # Paced, so the kills land mid-load: unpaced, the batch frames are all in within a second.
+        profile = LoadProfile(orders=20_000, rate=2_000, skus=200, sku_prefix=unique("SCALE") + "-", seed=11)
         for sku in profile.sku_names():
             publisher.send(restock(sku, 150))
         assert publisher.flush(30) == 0
