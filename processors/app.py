@@ -37,7 +37,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -110,9 +110,16 @@ class StateTable(faust.Table[str, Any]):
 
 @dataclass
 class Working:
-    """One SKU's state while a batch is being decided."""
+    """One SKU's state while a batch is being decided.
 
-    stock: Stock
+    Each command is decided on a ``Stock`` holding only what it touches (its order line, its
+    id if a retry), the slice ``decide`` looks at: a Stock carrying the batch's every order and
+    id would be copied by each ``evolve``, quadratic in a hot SKU's share of the batch.
+    """
+
+    available: int
+    version: int
+    orders: dict[str, OrderLine]  # order lines this batch has loaded or changed
     partition: int
     saved_offset: int  # offset of the last command applied, as the table has it
     offset: int  # offset of the last command applied, including this batch
@@ -300,35 +307,36 @@ class CommandHandler:
         seen = frozenset({command.command_id}) if command.command_id in recent else frozenset()
         if seen:
             metrics.COMMAND_RETRIES.inc()
-        state = replace(self._with_order_line(working, command), decided=seen)
+        orders: dict[str, OrderLine] = {}
+        if isinstance(command, (PlaceOrder, CancelOrder)):
+            line = self._order_line(working, command.sku, command.order_id)
+            orders = {command.order_id: line} if line else {}
+        state = Stock(command.sku, working.available, working.version, orders, decided=seen)
         now_ms = int(time.time() * 1000)
         for decision in decide(state, command, now_ms):
             state = evolve(state, decision)
             self._remember_line(decision, message.partition, message.offset, batch)
             batch.events.setdefault(message.partition, []).append(decision)
         recent.handled(message.offset, command.command_id)
-        working.stock = state
+        working.available, working.version = state.available, state.version
+        working.orders.update(state.orders)
         working.offset = message.offset
 
     def _load(self, sku: str, partition: int) -> Working:
         row = self.table.data.get(f"s:{sku}") or {"available": 0, "version": 0, "offset": -1}
-        stock = Stock(sku, row["available"], row["version"])
-        return Working(stock, partition, saved_offset=row["offset"], offset=row["offset"])
+        return Working(row["available"], row["version"], {}, partition, row["offset"], row["offset"])
 
-    def _with_order_line(self, working: Working, command: Command) -> Stock:
-        """The SKU's state with the command's order line loaded, if it has one."""
-        stock = working.stock
-        if not isinstance(command, (PlaceOrder, CancelOrder)) or command.order_id in stock.orders:
-            return stock
-        saved = self.lines[working.partition].get(f"{stock.sku}/{command.order_id}")
+    def _order_line(self, working: Working, sku: str, order_id: str) -> OrderLine | None:
+        """The order's line as this batch left it, else as the table has it, if it has one."""
+        if order_id in working.orders:
+            return working.orders[order_id]
+        saved = self.lines[working.partition].get(f"{sku}/{order_id}")
         # A line written after its SKU row was saved belongs to commands that will be decided
         # again: a crash kept the line but not the row.
         if saved is None or saved[1] > working.saved_offset:
-            return stock
+            return None
         qty, _placed_at, cancelled_at = saved
-        line = OrderLine(qty, 0 <= cancelled_at <= working.saved_offset)
-        working.stock = replace(stock, orders={**stock.orders, command.order_id: line})
-        return working.stock
+        return OrderLine(qty, 0 <= cancelled_at <= working.saved_offset)
 
     def _remember_line(self, decision: Event, partition: int, offset: int, batch: Batch) -> None:
         key = f"{decision.sku}/{getattr(decision, 'order_id', '')}"
@@ -365,7 +373,7 @@ class CommandHandler:
             self.lines[partition].update(lines)
         for sku, working in batch.skus.items():
             if working.offset != working.saved_offset:
-                row = {"available": working.stock.available, "version": working.stock.version}
+                row = {"available": working.available, "version": working.version}
                 await self.table.write(working.partition, f"s:{sku}", {**row, "offset": working.offset})
         for partition, offset in batch.handled.items():
             await self.table.write(partition, f"p:{partition}", offset)

