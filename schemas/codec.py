@@ -33,8 +33,9 @@ HEADER_SIZE = len(MAGIC) + 8
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
 
 RECORD_CLASSES: Mapping[str, type[Record]] = {cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES)}
-# Full Avro name -> class, for the items of a batch: "stockflow.PlaceOrder" -> PlaceOrder.
+# Full Avro names of the records, both ways: batch items are written and read as (name, fields).
 _BY_FULL_NAME: Mapping[str, type[Record]] = {f"stockflow.{name}": cls for name, cls in RECORD_CLASSES.items()}
+_FULL_NAME: Mapping[type[Record], str] = {cls: name for name, cls in _BY_FULL_NAME.items()}
 # Batch record name -> (its array field, the record types it may hold).
 BATCHES: Mapping[str, tuple[str, tuple[type[Record], ...]]] = {
     "CommandBatch": ("commands", COMMAND_TYPES),
@@ -81,7 +82,7 @@ class AvroCodec:
         """One frame holding ``records``: all commands, or all events."""
         for batch, (field, members) in BATCHES.items():
             if all(isinstance(record, members) for record in records):
-                items = [(f"stockflow.{type(r).__name__}", vars(r)) for r in records]
+                items = [(_FULL_NAME[type(r)], vars(r)) for r in records]
                 return self._frame(batch, {field: items})
         raise ValueError("a batch holds only commands or only events, not both")
 

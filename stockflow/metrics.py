@@ -38,7 +38,7 @@ DECIDED_LATENCY = Histogram(
 EVENTS_PROJECTED = Counter("stockflow_events_projected_total", "Events applied to the Redis read models")
 VISIBLE_LATENCY = Histogram(
     "stockflow_command_visible_seconds",
-    "Command created -> its event visible in Redis",
+    "Command created -> its event visible in Redis (one sample per message: a frame counts once)",
     buckets=LATENCY_BUCKETS,
 )
 PAUSED_PARTITIONS = Gauge(
