@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 
 from projections.queries import ReadModels
 from projections.store import Applied, ReadModelStore
@@ -239,11 +239,28 @@ class ProjectionWorker:
         self._paused = False  # a new assignment starts unpaused
         metrics.PAUSED_PARTITIONS.set(0)
         watermarks = self._models.watermarks()
+        self._warn_if_redis_lost(consumer, [tp for tp in partitions if tp.partition not in watermarks])
         for tp in partitions:
             applied = watermarks.get(tp.partition)
             tp.offset = OFFSET_BEGINNING if applied is None else applied + 1
         consumer.assign(partitions)
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _warn_if_redis_lost(self, consumer: Consumer, unmarked: list[TopicPartition]) -> None:
+        """Say so when the group got further than Redis remembers: Redis lost data while no
+        worker held these partitions (poll_once notices it on the partitions held all along)."""
+        try:
+            committed = consumer.committed(unmarked, timeout=10) if unmarked else []
+        except KafkaException:
+            return  # only a diagnostic: the partitions are replayed from the start either way
+        for tp in committed:
+            if tp.offset > 0:
+                log.warning(
+                    "Redis lost data of events partition %s (the group had reached offset %s):"
+                    " replaying it from the start",
+                    tp.partition,
+                    tp.offset,
+                )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The next owner resumes from the watermarks in Redis: finish the batch in flight first.

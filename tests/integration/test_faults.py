@@ -15,6 +15,7 @@ import redis
 from producers.commands import cancel_order, place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
+from projections.queries import ReadModels
 from schemas.records import Event, OrderCancelled, OrderRejected
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
@@ -149,8 +150,14 @@ def test_a_broker_restart_mid_load_loses_and_doubles_nothing(
 def test_redis_losing_all_its_data_mid_load_is_noticed_and_rebuilt(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    models = ReadModels(client)
+
     def lose_everything() -> None:
-        redis.Redis.from_url(settings.redis_url).flushall()
+        # Redis must hold something to lose: on a fresh stack the projection may not have
+        # written yet, and then there is nothing for it to notice.
+        wait_for("watermarks of every partition", lambda: len(models.watermarks()) == settings.partitions)
+        client.flushall()
 
     run = load_with_fault(settings, stack, unique("FLUSH") + "-", lose_everything)
     print(run.line("Redis FLUSHALL"))
@@ -183,4 +190,26 @@ def test_an_order_placed_before_a_processor_crash_can_be_cancelled_after_it(
     events = wait_for("both cancels to be decided", cancels, 120)
     assert isinstance(events[0], OrderCancelled) and events[0].qty == 2 and events[0].available_after == 6
     assert isinstance(events[1], OrderRejected) and "already cancelled" in events[1].reason
+    publisher.close()
+
+
+def test_redis_losing_its_data_while_no_projection_runs_is_noticed_on_start(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    sku = unique("AWAY")
+    publisher = Publisher(settings)
+    publisher.publish(restock(sku, 5))
+    publisher.publish(place_order(sku, 2))
+    models = ReadModels(redis.Redis.from_url(settings.redis_url))
+    wait_for("the order in Redis", lambda: (models.stock(sku) or {}).get("version") == 2, 60)
+    worker = stack.worker("projection", 1)
+    noticed_before = worker.log_file.read_text().count("the group had reached offset")
+
+    assert worker.stop()
+    redis.Redis.from_url(settings.redis_url).flushall()
+    stack.start_workers("projection", 1)
+
+    wait_for("Redis rebuilt from the log", lambda: (models.stock(sku) or {}).get("version") == 2, 120)
+    assert worker.log_file.read_text().count("the group had reached offset") > noticed_before
+    assert quiet_verify(settings).problems == []
     publisher.close()
