@@ -44,7 +44,7 @@ from typing import Any, cast
 import faust
 from faust.types import ProducerT, StreamT, TopicT
 
-from processors.dedupe import RecentCommands, decided_command_ids
+from processors.dedupe import RecentCommands, decided_command_ids, refusal
 from processors.domain import OrderLine, Stock, decide, evolve
 from schemas.codec import codec
 from schemas.records import (
@@ -54,12 +54,10 @@ from schemas.records import (
     OrderCancelled,
     OrderProcessed,
     PlaceOrder,
-    validate_command,
 )
 from stockflow import metrics
-from stockflow.errors import DecodeError, InvalidCommand
+from stockflow.errors import DecodeError
 from stockflow.logreader import Logged, read_range
-from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.topics import PROCESSOR_TABLES
 
@@ -274,21 +272,11 @@ class CommandHandler:
         batch.commands += len(commands)
         sampled = False
         for index, command in enumerate(commands):
-            # A command parked out of a batch frame goes to the DLQ on its own, redrivable.
-            item = None if len(commands) == 1 else (index, command)
-            try:
-                validate_command(command)
-            except InvalidCommand as exc:
-                await self._park(message, str(exc), type(exc).__name__, batch, item)
-                continue
-            home = partition_for(command.sku.encode(), self.settings.partitions)
-            if home != message.partition:
-                reason = (
-                    f"command for SKU {command.sku!r} arrived on partition {message.partition}"
-                    f" but the SKU belongs on partition {home}: publish with key=SKU and"
-                    " Kafka's murmur2 partitioner"
-                )
-                await self._park(message, reason, "WrongPartition", batch, item)
+            refused = refusal(command, message.partition, self.settings.partitions)
+            if refused is not None:
+                # A command parked out of a batch frame goes to the DLQ on its own, redrivable.
+                item = None if len(commands) == 1 else (index, command)
+                await self._park(message, *refused, batch, item)
                 continue
             if self._decide(command, message, batch) and not sampled:
                 # One latency sample per message: a frame's commands were created within a few

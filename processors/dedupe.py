@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 from schemas.codec import codec
-from schemas.records import validate_command
+from schemas.records import Command, validate_command
 from stockflow.errors import DecodeError, InvalidCommand
 from stockflow.logreader import Logged
 from stockflow.partitioning import partition_for
@@ -52,23 +52,31 @@ class RecentCommands:
         return len(self._copies)
 
 
+def refusal(command: Command, partition: int, partitions: int) -> tuple[str, str] | None:
+    """Why the processor parks ``command`` found on ``partition``: (reason, error type); None
+    if it decides it."""
+    try:
+        validate_command(command)
+    except InvalidCommand as exc:
+        return str(exc), type(exc).__name__
+    home = partition_for(command.sku.encode(), partitions)
+    if home != partition:
+        reason = (
+            f"command for SKU {command.sku!r} arrived on partition {partition} but the SKU belongs"
+            f" on partition {home}: publish with key=SKU and Kafka's murmur2 partitioner"
+        )
+        return reason, "WrongPartition"
+    return None
+
+
 def decided_command_ids(message: Logged, partitions: int) -> list[str | None]:
     """Per command in ``message``, its id if the processor decides it, None if it parks it.
 
-    The same checks as the processor's, in the same order: what was parked the first time is
-    parked again, so a fixed copy redriven from the DLQ is never taken for a retry.
+    The processor's own checks (``refusal``): what was parked the first time is parked again,
+    so a fixed copy redriven from the DLQ is never taken for a retry.
     """
     try:
         commands = codec.decode_commands(message.value)
     except DecodeError:
         return [None]
-    ids: list[str | None] = []
-    for command in commands:
-        try:
-            validate_command(command)
-        except InvalidCommand:
-            ids.append(None)
-            continue
-        home = partition_for(command.sku.encode(), partitions) == message.partition
-        ids.append(command.command_id if home else None)
-    return ids
+    return [None if refusal(c, message.partition, partitions) else c.command_id for c in commands]

@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -122,18 +122,19 @@ class AvroCodec:
         return [_BY_FULL_NAME[name](**item) for name, item in fields[field]]  # (full name, fields)
 
     def decode_commands(self, data: bytes) -> list[Command]:
-        records = self.decode(data)
-        for record in records:
-            if not isinstance(record, COMMAND_TYPES):
-                raise DecodeError(f"expected commands, got a {type(record).__name__} event")
-        return records  # type: ignore[return-value]  # checked above
+        return cast(list[Command], self._decode_only(data, COMMAND_TYPES, "commands", "event"))
 
     def decode_events(self, data: bytes) -> list[Event]:
+        return cast(list[Event], self._decode_only(data, EVENT_TYPES, "events", "command"))
+
+    def _decode_only(
+        self, data: bytes, kinds: tuple[type[Record], ...], wanted: str, other: str
+    ) -> list[Record]:
         records = self.decode(data)
         for record in records:
-            if not isinstance(record, EVENT_TYPES):
-                raise DecodeError(f"expected events, got a {type(record).__name__} command")
-        return records  # type: ignore[return-value]  # checked above
+            if not isinstance(record, kinds):
+                raise DecodeError(f"expected {wanted}, got a {type(record).__name__} {other}")
+        return records
 
 
 codec = AvroCodec()
