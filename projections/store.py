@@ -125,14 +125,7 @@ class ReadModelStore:
         for sku in skus:
             args: list[Any] = [self._recent_max]
             for change in plan.sku_changes[sku]:
-                args += [
-                    change.version,
-                    change.kind,
-                    change.order_id,
-                    change.qty,
-                    change.available_after,
-                    change.occurred_at,
-                ]
+                args.extend(change)  # version, kind, order_id, qty, available_after, occurred_at
             self._apply_sku(keys=[stock_key(sku), recent_key(sku)], args=args, client=pipe)
         for (order_id, sku), line in plan.order_lines.items():
             self._apply_order_line(

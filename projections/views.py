@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from schemas.records import (
     Event,
@@ -37,9 +38,12 @@ ORDER_STATUS: dict[type[Event], str] = {
 }
 
 
-@dataclass(frozen=True)
-class SkuChange:
-    """One event as the SKU's stock hash needs it."""
+class SkuChange(NamedTuple):
+    """One event as the SKU's stock hash needs it, in the order the store's script reads it.
+
+    Tuples, not dataclasses: the plan makes one per event, and a replay makes hundreds of
+    thousands of them.
+    """
 
     version: int
     kind: str
@@ -49,8 +53,7 @@ class SkuChange:
     occurred_at: int
 
 
-@dataclass(frozen=True)
-class OrderLineStatus:
+class OrderLineStatus(NamedTuple):
     sku: str
     version: int
     rejected: bool

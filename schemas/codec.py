@@ -109,17 +109,20 @@ class AvroCodec:
                 " does not have; add its .avsc file under schemas/avro"
             )
         reader = self._newest[writer.name][1]
+        # Resolving a schema against itself costs fastavro a third of its time: resolve only a
+        # message written with an older version.
+        reader_schema = None if reader is writer else reader.schema
         try:
             fields = fastavro.schemaless_reader(
-                io.BytesIO(data[HEADER_SIZE:]), writer.schema, reader.schema, return_record_name=True
+                io.BytesIO(data[HEADER_SIZE:]), writer.schema, reader_schema, return_record_name=True
             )
         except Exception as exc:  # fastavro raises many types for a corrupt body
             raise DecodeError(f"corrupt {writer.name} v{writer.version} body: {exc}") from exc
         assert isinstance(fields, dict)
         if writer.name not in BATCHES:
-            return [RECORD_CLASSES[writer.name](**fields)]
+            return [_record(RECORD_CLASSES[writer.name], fields)]
         field, _ = BATCHES[writer.name]
-        return [_BY_FULL_NAME[name](**item) for name, item in fields[field]]  # (full name, fields)
+        return [_record(_BY_FULL_NAME[name], item) for name, item in fields[field]]  # (full name, fields)
 
     def decode_commands(self, data: bytes) -> list[Command]:
         return cast(list[Command], self._decode_only(data, COMMAND_TYPES, "commands", "event"))
@@ -135,6 +138,18 @@ class AvroCodec:
             if not isinstance(record, kinds):
                 raise DecodeError(f"expected {wanted}, got a {type(record).__name__} {other}")
         return records
+
+
+def _record(cls: type[Record], fields: dict[str, Any]) -> Record:
+    """The record holding ``fields``, built without calling ``__init__``.
+
+    The fields come from the newest schema, which has exactly the class's fields (a unit test
+    checks it), so the dict can be the instance's own: a keyword ``__init__`` per record was a
+    third of the decode time on the processor and the projection.
+    """
+    record = object.__new__(cls)
+    object.__setattr__(record, "__dict__", fields)  # the classes are frozen: go around it
+    return record
 
 
 codec = AvroCodec()
