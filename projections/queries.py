@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import redis
@@ -17,6 +16,7 @@ from projections.store import (
     recent_key,
     stock_key,
 )
+from projections.views import line_status
 
 
 def _text(value: bytes | str) -> str:
@@ -43,7 +43,7 @@ class ReadModels:
     def order(self, order_id: str) -> dict[str, dict[str, Any]]:
         """Status of each line (one per SKU) of an order; empty if unknown."""
         raw: dict[bytes, bytes] = self._redis.hgetall(order_key(order_id))  # type: ignore[assignment]
-        return {_text(sku): json.loads(doc) for sku, doc in raw.items()}
+        return line_status({_text(name): _text(doc) for name, doc in raw.items()})
 
     def top(self, n: int = 10) -> list[tuple[str, int]]:
         rows = self._redis.zrevrange(TOP_KEY, 0, n - 1, withscores=True)

@@ -3,7 +3,8 @@
 Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
   sf:stock:{SKU}      hash  available, version, updated_at, units_sold, one counter per event kind
   sf:recent:{SKU}     list  newest processed order ids first, trimmed
-  sf:order:{ORDER}    hash  field per SKU -> JSON status of that order line
+  sf:order:{ORDER}    hash  "<SKU>:<status>" -> JSON document of that order line's status
+                            (``projections.views.line_status`` picks the one to show)
   sf:top              zset  SKU -> units sold (absolute, so re-writing it is harmless)
   sf:skus             set   every SKU seen
   sf:watermarks       hash  events-topic partition -> last offset applied
@@ -11,7 +12,9 @@ Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
                             command was created (``projections.views.latency_bucket``)
 
 Every write is guarded by the SKU's event version (or the partition offset), checked inside a
-Lua script on a single key slot, so replaying any part of the log leaves the models unchanged.
+Lua script on a single key slot, or is an order line's first document of a status (HSETNX, no
+script: a Lua call per order cost Redis several times an HSETNX), so replaying any part of the
+log leaves the models unchanged.
 """
 
 from __future__ import annotations
@@ -60,17 +63,6 @@ end
 return {applied, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0'), 0}
 """
 
-# KEYS: order hash. ARGV: sku, version, status JSON, "1" if the event is a rejection.
-_APPLY_ORDER_LINE = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current then
-  if ARGV[4] == '1' then return 0 end
-  if cjson.decode(current)['version'] >= tonumber(ARGV[2]) then return 0 end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 1
-"""
-
 # KEYS: watermarks hash. ARGV: partition, offset pairs. Offsets only move forward.
 _ADVANCE_WATERMARKS = """
 for i = 1, #ARGV, 2 do
@@ -112,7 +104,6 @@ class ReadModelStore:
         self._redis = client
         self._recent_max = recent_orders_per_sku
         self._apply_sku = client.register_script(_APPLY_SKU)
-        self._apply_order_line = client.register_script(_APPLY_ORDER_LINE)
         self._advance_watermarks = client.register_script(_ADVANCE_WATERMARKS)
 
     def apply(self, plan: WritePlan) -> Applied:
@@ -127,12 +118,8 @@ class ReadModelStore:
             for change in plan.sku_changes[sku]:
                 args.extend(change)  # version, kind, order_id, qty, available_after, occurred_at
             self._apply_sku(keys=[stock_key(sku), recent_key(sku)], args=args, client=pipe)
-        for (order_id, sku), line in plan.order_lines.items():
-            self._apply_order_line(
-                keys=[order_key(order_id)],
-                args=[sku, line.version, line.document, "1" if line.rejected else "0"],
-                client=pipe,
-            )
+        for (order_id, line_field), document in plan.order_lines.items():
+            pipe.hsetnx(order_key(order_id), line_field, document)
         if skus:
             pipe.sadd(SKUS_KEY, *skus)
         results = pipe.execute()

@@ -1,10 +1,15 @@
 """What a batch of events means for the read models; pure, no Redis.
 
 A batch of events becomes a ``WritePlan``: per SKU, the events to fold into its stock hash
-(the store applies only versions newer than what it has); per order line, the newest status;
-per partition, the last offset covered (the watermark). The store turns the plan into
-idempotent Redis writes, so applying a batch twice, or a decision the processor repeated after
-a crash, changes nothing.
+(the store applies only versions newer than what it has); per order line, a document per
+status it reached; per partition, the last offset covered (the watermark). The store turns the
+plan into idempotent Redis writes, so applying a batch twice, or a decision the processor
+repeated after a crash, changes nothing.
+
+An order line's statuses are kept apart, first one wins (``HSETNX``): a line is processed
+once, cancelled once, and a rejection never changes a line that was processed. So every write
+is a plain single-key command, in any order, and a read picks the line's status by precedence
+(``line_status``): cancelled, else processed, else rejected.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from schemas.records import (
     Event,
@@ -36,6 +41,9 @@ ORDER_STATUS: dict[type[Event], str] = {
     OrderRejected: "rejected",
     OrderCancelled: "cancelled",
 }
+# Which of a line's statuses it shows: a cancel follows the processing it undoes, and a
+# rejection (a duplicate order id, a cancel refused) leaves a processed line as it was.
+STATUS_PRECEDENCE = {"cancelled": 0, "processed": 1, "rejected": 2}
 
 
 class SkuChange(NamedTuple):
@@ -53,18 +61,12 @@ class SkuChange(NamedTuple):
     occurred_at: int
 
 
-class OrderLineStatus(NamedTuple):
-    sku: str
-    version: int
-    rejected: bool
-    document: str  # JSON: status, qty, reason, version, updated_at
-
-
 @dataclass
 class WritePlan:
     sku_changes: dict[str, list[SkuChange]] = field(default_factory=dict)
     sku_partitions: dict[str, int] = field(default_factory=dict)
-    order_lines: dict[tuple[str, str], OrderLineStatus] = field(default_factory=dict)
+    # (order id, line field) -> JSON document: status, qty, reason, version, updated_at
+    order_lines: dict[tuple[str, str], str] = field(default_factory=dict)
     watermarks: dict[int, int] = field(default_factory=dict)
 
 
@@ -91,10 +93,9 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
                 event.occurred_at,
             )
         )
-        if order_id and _supersedes(event, plan.order_lines.get((order_id, event.sku))):
-            plan.order_lines[(order_id, event.sku)] = OrderLineStatus(
-                event.sku, event.version, isinstance(event, OrderRejected), order_document(event)
-            )
+        if order_id:
+            # The first document of a status wins, in the batch as in Redis (HSETNX).
+            plan.order_lines.setdefault((order_id, line_field(event.sku, event)), order_document(event))
     return plan
 
 
@@ -111,13 +112,17 @@ def order_document(event: Event) -> str:
     )
 
 
-def _supersedes(event: Event, newest: OrderLineStatus | None) -> bool:
-    if newest is None:
-        return True
-    # A refused command leaves an existing order as it was ("already cancelled" must not turn a
-    # cancelled order into a rejected one), and a decision the processor repeated after a crash
-    # can follow a newer one in the log: only a newer version of a change wins.
-    return not isinstance(event, OrderRejected) and newest.version < event.version
+def line_field(sku: str, event: Event) -> str:
+    """The order hash field holding ``event``'s status of the line on ``sku``."""
+    return f"{sku}:{ORDER_STATUS[type(event)]}"
+
+
+def line_status(fields: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """An order's lines from its hash fields: per SKU, the status that takes precedence."""
+    lines: dict[str, dict[str, Any]] = {}
+    for name in sorted(fields, key=lambda name: STATUS_PRECEDENCE[name.rpartition(":")[2]]):
+        lines.setdefault(name.rpartition(":")[0], json.loads(fields[name]))
+    return lines
 
 
 def latency_bucket(ms: int) -> int:

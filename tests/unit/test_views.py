@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from producers.commands import cancel_order, place_order, restock
-from projections.views import ORDER_STATUS, latency_bucket, order_document, percentile, plan_writes
+from projections.views import (
+    ORDER_STATUS,
+    WritePlan,
+    latency_bucket,
+    line_status,
+    order_document,
+    percentile,
+    plan_writes,
+)
 from schemas.records import Event, OrderRejected
 from tests.history import decided
 
@@ -17,23 +26,57 @@ def test_watermarks_are_the_last_offset_per_partition_dead_letters_included() ->
     assert [c.version for c in plan.sku_changes["SKU-1"]] == [1]
 
 
+def lines(plan: WritePlan, order_id: str) -> dict[str, dict[str, Any]]:
+    """The order's lines as a read would show them after the plan is written to Redis."""
+    return line_status({name: doc for (order, name), doc in plan.order_lines.items() if order == order_id})
+
+
 def test_a_refused_cancel_does_not_overwrite_the_cancelled_order() -> None:
     order = place_order("SKU-1", 1, order_id="o-1")
     events = decided(
         "SKU-1", restock("SKU-1", 3), order, cancel_order("SKU-1", "o-1"), cancel_order("SKU-1", "o-1")
     )
     plan = plan_writes([(0, i, e) for i, e in enumerate(events)])
-    line = plan.order_lines[("o-1", "SKU-1")]
-    assert '"status":"cancelled"' in line.document
-    assert not line.rejected
+    assert isinstance(events[-1], OrderRejected)
+    assert lines(plan, "o-1")["SKU-1"]["status"] == "cancelled"
 
 
 def test_a_repeated_older_decision_does_not_win_over_a_newer_one() -> None:
     order = place_order("SKU-1", 1, order_id="o-1")
     events = decided("SKU-1", restock("SKU-1", 3), order, cancel_order("SKU-1", "o-1"))
     replayed = [*events, events[1]]  # the processed event again, after the cancel
-    plan = plan_writes([(0, i, e) for i, e in enumerate(replayed)])
-    assert plan.order_lines[("o-1", "SKU-1")].version == 3
+    line = lines(plan_writes([(0, i, e) for i, e in enumerate(replayed)]), "o-1")["SKU-1"]
+    assert (line["status"], line["version"]) == ("cancelled", 3)
+
+
+def test_an_order_rejected_then_placed_again_shows_processed() -> None:
+    events = decided(
+        "SKU-1",
+        place_order("SKU-1", 2, order_id="o-1"),  # no stock yet: rejected
+        restock("SKU-1", 5),
+        place_order("SKU-1", 2, order_id="o-1"),
+        place_order("SKU-1", 2, order_id="o-1"),  # a duplicate order id: rejected, changes nothing
+    )
+    assert [type(e).__name__ for e in events] == [
+        "OrderRejected",
+        "StockReplenished",
+        "OrderProcessed",
+        "OrderRejected",
+    ]
+    line = lines(plan_writes([(0, i, e) for i, e in enumerate(events)]), "o-1")["SKU-1"]
+    assert (line["status"], line["version"]) == ("processed", 3)
+
+
+def test_a_line_shows_the_status_that_takes_precedence_per_sku() -> None:
+    doc = '{{"status":"{0}"}}'.format
+    fields = {
+        "A:B:rejected": doc("rejected"),
+        "A:B:processed": doc("processed"),
+        "C:rejected": doc("rejected"),
+    }
+    assert line_status(fields) == {"A:B": {"status": "processed"}, "C": {"status": "rejected"}}
+    fields["A:B:cancelled"] = doc("cancelled")
+    assert line_status(fields)["A:B"] == {"status": "cancelled"}
 
 
 def test_latency_buckets_keep_two_significant_digits() -> None:
