@@ -47,7 +47,7 @@ STATUS_PRECEDENCE = {"cancelled": 0, "processed": 1, "rejected": 2}
 
 
 class SkuChange(NamedTuple):
-    """One event as the SKU's stock hash needs it, in the order the store's script reads it.
+    """One event as the SKU's stock hash needs it; the store's script reads the first four.
 
     Tuples, not dataclasses: the plan makes one per event, and a replay makes hundreds of
     thousands of them.
@@ -55,8 +55,8 @@ class SkuChange(NamedTuple):
 
     version: int
     kind: str
-    order_id: str
     qty: int
+    order_id: str
     available_after: int
     occurred_at: int
 
@@ -83,16 +83,13 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
         kind = KIND[type(event)]
         order_id = getattr(event, "order_id", "")
         plan.sku_partitions[event.sku] = partition
-        plan.sku_changes.setdefault(event.sku, []).append(
-            SkuChange(
-                event.version,
-                kind,
-                order_id,
-                event.qty,
-                event.available_after,
-                event.occurred_at,
+        changes = plan.sku_changes.setdefault(event.sku, [])
+        # A SKU's changes go in strictly rising versions; a lower one is a decision the
+        # processor repeated after a crash, and the SKU has it already.
+        if not changes or event.version > changes[-1].version:
+            changes.append(
+                SkuChange(event.version, kind, event.qty, order_id, event.available_after, event.occurred_at)
             )
-        )
         if order_id:
             # The first document of a status wins, in the batch as in Redis (HSETNX).
             plan.order_lines.setdefault((order_id, line_field(event.sku, event)), order_document(event))

@@ -89,6 +89,28 @@ def test_events_applied_one_by_one_give_the_same_model_as_one_batch(
     assert snapshot(scratch) == batched
 
 
+def test_overlapping_batches_and_repeats_give_the_same_model_as_one_batch(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    orders = [place_order(sku, 1) for _ in range(30)]  # more than the 20 recent orders kept
+    events = decided(sku, restock(sku, 50), *orders, cancel_order(sku, orders[3].order_id))
+    store = ReadModelStore(scratch)
+    store.apply(plan_writes([(0, i, e) for i, e in enumerate(events)]))
+    whole = snapshot(scratch)
+    scratch.flushdb()
+    # Batches that overlap what Redis holds, the way a worker resumes after a crash, and a
+    # decision repeated after newer ones in the same batch.
+    for start, end in ((0, 10), (5, 20), (18, 19), (12, len(events))):
+        window = [(0, i, events[i]) for i in range(start, end)]
+        store.apply(plan_writes([*window, (0, end, events[start])]))
+    assert snapshot(scratch) | {b"sf:watermarks": None} == whole | {b"sf:watermarks": None}
+    stock = ReadModels(scratch).stock(sku)
+    assert stock is not None
+    assert (stock["available"], stock["units_sold"], stock["version"]) == (21, 29, 32)
+    assert stock["recent_orders"] == [o.order_id for o in reversed(orders[10:])]
+
+
 def test_a_gap_in_a_sku_s_history_is_reported_and_nothing_after_it_is_written(
     scratch: redis.Redis, unique: Callable[[str], str]
 ) -> None:
