@@ -46,6 +46,7 @@ from faust.types import ProducerT, StreamT, TopicT
 
 from processors.dedupe import RecentCommands, decided_command_ids, refusal
 from processors.domain import OrderLine, Stock, decide, evolve
+from processors.transport import Transport
 from schemas.codec import codec
 from schemas.records import (
     CancelOrder,
@@ -423,6 +424,9 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         web_enabled=web_port is not None,
         web_port=web_port or 6066,
     )
+
+    # Faust's transport, but with a fetch wait that cannot stall the agent (processors.transport).
+    app.transport = Transport(app.conf.broker_consumer, app)
 
     def raw_topic(name: str) -> TopicT:
         return app.topic(name, partitions=settings.partitions, key_serializer="raw", value_serializer="raw")
