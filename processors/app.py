@@ -29,6 +29,7 @@ Processing guarantee: Faust's at-least-once, made exact for decisions.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -69,8 +70,11 @@ ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
 
 COMPACT = (",", ":")  # JSON separators, as Faust writes its table changelogs
 
-# An order line as the table keeps it: [qty, placed_at, cancelled_at] (offsets; -1 = not yet).
-Line = list[int]
+# An order line as the table keeps it: (qty, placed_at, cancelled_at) (offsets; -1 = not yet),
+# a JSON array in the changelog. A tuple, not a list: a tuple of ints drops out of the garbage
+# collector's view, and with a list per order ever placed each full collection paused the
+# processor for longer (45 ms at 100,000 orders, 130 ms at 300,000).
+Line = tuple[int, int, int]
 
 # Events per EventBatch frame: well under Kafka's 1 MB message limit (an event is ~150 bytes).
 EVENTS_PER_FRAME = 1000
@@ -219,7 +223,9 @@ class CommandHandler:
             if key.startswith(prefix)
         )
         lines: dict[str, Line] = {}
-        for _, chunk in chunks:
+        for n, restored in chunks:
+            chunk = {name: tuple(line) for name, line in restored.items()}  # JSON gave lists
+            self.table.data[f"{prefix}{n}"] = chunk
             lines.update(chunk)
         self.lines[partition] = lines
         self.next_chunk[partition] = chunks[-1][0] + 1 if chunks else 0
@@ -333,12 +339,12 @@ class CommandHandler:
     def _remember_line(self, decision: Event, partition: int, offset: int, batch: Batch) -> None:
         if isinstance(decision, OrderProcessed):
             key = f"{decision.sku}/{decision.order_id}"
-            batch.lines.setdefault(partition, {})[key] = [decision.qty, offset, -1]
+            batch.lines.setdefault(partition, {})[key] = (decision.qty, offset, -1)
         elif isinstance(decision, OrderCancelled):
             key = f"{decision.sku}/{decision.order_id}"
             new = batch.lines.setdefault(partition, {})
             qty, placed_at, _ = new.get(key) or self.lines[partition][key]
-            new[key] = [qty, placed_at, offset]
+            new[key] = (qty, placed_at, offset)
 
     async def _send_events(self, batch: Batch) -> None:
         for partition, events in batch.events.items():
@@ -450,6 +456,10 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         batches = cast(faust.Stream[bytes], stream).take_events(
             settings.processor_batch_size, within=settings.processor_batch_wait_s
         )
+        # The modules, Faust and its clients are set up and live as long as the worker: leave
+        # them out of the garbage collector's full passes, which took 40-60 ms each with them
+        # in, and a few ms without.
+        gc.freeze()
         async for events in batches:
             messages = [event.message for event in events]
             await handler.handle_batch(

@@ -9,6 +9,7 @@ Committed offsets still move, so operators can see the group's lag with Kafka's 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -70,6 +71,7 @@ class ProjectionWorker:
         self._consumer.subscribe(
             [self._settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
         )
+        gc.freeze()  # what is set up lives as long as the worker: keep it out of full collections
         try:
             while not should_stop():
                 self.poll_once(timeout_s=0.5)
