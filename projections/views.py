@@ -116,9 +116,16 @@ def line_field(sku: str, event: Event) -> str:
 
 def line_status(fields: dict[str, str]) -> dict[str, dict[str, Any]]:
     """An order's lines from its hash fields: per SKU, the status that takes precedence."""
+    ranked = []
+    for name, document in fields.items():
+        line = json.loads(document)
+        sku, _, status = name.rpartition(":")
+        if status not in STATUS_PRECEDENCE:
+            sku, status = name, line["status"]  # written before each status had its own field
+        ranked.append((STATUS_PRECEDENCE[status], sku, line))
     lines: dict[str, dict[str, Any]] = {}
-    for name in sorted(fields, key=lambda name: STATUS_PRECEDENCE[name.rpartition(":")[2]]):
-        lines.setdefault(name.rpartition(":")[0], json.loads(fields[name]))
+    for _, sku, line in sorted(ranked, key=lambda rank: rank[0]):
+        lines.setdefault(sku, line)
     return lines
 
 

@@ -77,6 +77,8 @@ def test_a_line_shows_the_status_that_takes_precedence_per_sku() -> None:
     assert line_status(fields) == {"A:B": {"status": "processed"}, "C": {"status": "rejected"}}
     fields["A:B:cancelled"] = doc("cancelled")
     assert line_status(fields)["A:B"] == {"status": "cancelled"}
+    # A line an older projection wrote: one field per SKU, named by the SKU alone.
+    assert line_status({"OLD:1": doc("processed")}) == {"OLD:1": {"status": "processed"}}
 
 
 def test_latency_buckets_keep_two_significant_digits() -> None:
