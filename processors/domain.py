@@ -9,8 +9,8 @@ version by one, so ``version`` is the SKU's event count and a total order reader
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from schemas.records import (
     CancelOrder,
@@ -26,27 +26,28 @@ from schemas.records import (
 )
 
 
-@dataclass(frozen=True)
-class OrderLine:
+class OrderLine(NamedTuple):
     """One order's reservation on this SKU."""
 
     qty: int
     cancelled: bool = False
 
 
-@dataclass(frozen=True)
-class Stock:
+class Stock(NamedTuple):
     """State of one SKU.
 
     ``orders`` and ``decided`` may be the whole history (when folded from the log) or just the
     slice a command touches (what the processor loads from its tables): ``decide`` only looks
     up the command's own order id and command id.
+
+    Immutable tuples rather than frozen dataclasses: the processor builds two per command, and a
+    frozen dataclass takes about twice as long to build.
     """
 
     sku: str
     available: int = 0
     version: int = 0
-    orders: Mapping[str, OrderLine] = field(default_factory=dict)
+    orders: Mapping[str, OrderLine] = MappingProxyType({})
     decided: frozenset[str] = frozenset()
 
 
