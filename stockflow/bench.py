@@ -94,11 +94,11 @@ class Counts:
 
     def visible(self) -> int:
         """Events the projection workers have applied to Redis (their metrics counter)."""
-        return int(metrics.counter_total(self.settings, "stockflow_events_projected"))
+        return int(metrics.counter_total(self.settings, "stockflow_events_projected", "projection"))
 
     def sample(self, t: float) -> LagSample:
         # Counted in commands and events: with batch frames, message counts say little.
-        decided = int(metrics.counter_total(self.settings, "stockflow_commands_decided"))
+        decided = int(metrics.counter_total(self.settings, "stockflow_commands_decided", "processor"))
         return LagSample(t, self.published, decided, self.visible())
 
 
