@@ -15,18 +15,14 @@ from typing import Any
 
 import redis
 
+from processors.dedupe import decided_command_ids
 from projections.queries import ReadModels
 from projections.store import STOCK_COUNTERS
 from projections.views import KIND
 from schemas.codec import codec
-from schemas.records import (
-    OrderCancelled,
-    OrderProcessed,
-    validate_command,
-)
-from stockflow.errors import DecodeError, InvalidCommand
+from schemas.records import OrderCancelled, OrderProcessed
+from stockflow.errors import DecodeError
 from stockflow.logreader import read_topic
-from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.topics import changelog_topic
 
@@ -108,20 +104,13 @@ def _accepted_commands(settings: Settings, report: Report) -> set[str]:
     report.dead_letters = len(dead)
     accepted: set[str] = set()
     for record in read_topic(settings, settings.commands_topic):
-        try:
-            commands = codec.decode_commands(record.value)
-        except DecodeError:
-            continue  # must be in the DLQ; counted there
-        for command in commands:
-            try:
-                validate_command(command)
-            except InvalidCommand:
-                continue  # in the DLQ
-            if partition_for(command.sku.encode(), settings.partitions) != record.partition:
-                continue  # refused as WrongPartition; in the DLQ
-            if command.command_id in accepted:
+        # By the processor's own checks: a command it parks is in the DLQ, counted there.
+        for command_id in decided_command_ids(record, settings.partitions):
+            if command_id is None:
+                continue
+            if command_id in accepted:
                 report.command_repeats += 1
-            accepted.add(command.command_id)
+            accepted.add(command_id)
     report.commands = len(accepted)
     return accepted
 
