@@ -19,10 +19,13 @@ log leaves the models unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis
+from redis.exceptions import NoScriptError
 
 from projections.views import KIND, WritePlan
 
@@ -128,36 +131,70 @@ class ReadModelStore:
 
         A partition in which some SKU's history has a gap gets no watermark: it must be replayed.
         """
+        try:
+            return self._apply(plan)
+        except NoScriptError:
+            # Redis restarted (or SCRIPT FLUSH): load the scripts and write the plan again,
+            # which changes nothing it already wrote.
+            for script in (self._apply_sku, self._advance_watermarks):
+                self._redis.script_load(script.script)
+            return self._apply(plan)
+
+    def _apply(self, plan: WritePlan) -> Applied:
         skus = list(plan.sku_changes)
-        pipe = self._redis.pipeline(transaction=False)
+        commands: list[tuple[Any, ...]] = []
         for sku in skus:
             changes = plan.sku_changes[sku]
             args: list[Any] = [self._recent_max, changes[-1].available_after, changes[-1].occurred_at]
             for change in changes:
                 args.extend(change[:4])  # version, kind, qty, order_id
-            self._apply_sku(keys=[stock_key(sku), recent_key(sku)], args=args, client=pipe)
+            commands.append(("EVALSHA", self._apply_sku.sha, 2, stock_key(sku), recent_key(sku), *args))
         for (order_id, line_field), document in plan.order_lines.items():
-            pipe.hsetnx(order_key(order_id), line_field, document)
+            commands.append(("HSETNX", order_key(order_id), line_field, document))
         if skus:
-            pipe.sadd(SKUS_KEY, *skus)
-        results = pipe.execute()
+            commands.append(("SADD", SKUS_KEY, *skus))
+        results = self._send(commands)
         outcome = Applied()
-        pipe = self._redis.pipeline(transaction=False)
+        commands = []
         for sku, (count, units_sold, gap) in zip(skus, results, strict=False):
             outcome.events += int(count)
             if gap:
                 outcome.gaps.add(plan.sku_partitions[sku])
             else:
-                pipe.zadd(TOP_KEY, {sku: int(units_sold)})
-        marks = {p: offset for p, offset in plan.watermarks.items() if p not in outcome.gaps}
+                commands.append(("ZADD", TOP_KEY, int(units_sold), sku))
+        marks = [(p, offset) for p, offset in plan.watermarks.items() if p not in outcome.gaps]
         if marks:
-            args = [x for partition, offset in marks.items() for x in (partition, offset)]
-            self._advance_watermarks(keys=[WATERMARKS_KEY], args=args, client=pipe)
-        pipe.execute()
+            args = [x for mark in marks for x in mark]
+            commands.append(("EVALSHA", self._advance_watermarks.sha, 1, WATERMARKS_KEY, *args))
+        self._send(commands)
         return outcome
 
     def record_latencies(self, counts: dict[int, int]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for bucket, count in counts.items():
-            pipe.hincrby(LATENCY_KEY, str(bucket), count)
-        pipe.execute()
+        self._send([("HINCRBY", LATENCY_KEY, bucket, count) for bucket, count in counts.items()])
+
+    def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write and read their replies, in order.
+
+        Not redis-py's pipeline: its bookkeeping cost 5.7 us of the worker's CPU per command,
+        and a batch is mostly one command per order (2.6 us this way). Connection errors are
+        retried as redis-py retries them (every write here may be repeated); an error reply
+        raises, and the connection, with replies still unread on it, is closed.
+        """
+        if not commands:
+            return []
+        pool = self._redis.connection_pool
+        connection: Any = pool.get_connection()  # redis-py's connection methods are untyped
+        packed = b"".join(hiredis.pack_command(command) for command in commands)
+
+        def exchange() -> list[Any]:
+            try:
+                connection.send_packed_command([packed])
+                return [connection.read_response() for _ in commands]
+            except BaseException:
+                connection.disconnect()  # replies may be left unread on it
+                raise
+
+        try:
+            return connection.retry.call_with_retry(exchange, lambda _error: None)  # type: ignore[no-any-return]
+        finally:
+            pool.release(connection)

@@ -9,7 +9,7 @@ import redis
 
 from producers.commands import cancel_order, place_order, restock
 from projections.queries import ReadModels
-from projections.store import ReadModelStore
+from projections.store import ReadModelStore, order_key
 from projections.views import plan_writes
 from stockflow.settings import Settings
 from tests.history import decided
@@ -127,3 +127,36 @@ def test_a_gap_in_a_sku_s_history_is_reported_and_nothing_after_it_is_written(
     stock = ReadModels(scratch).stock(sku)
     assert stock is not None
     assert (stock["available"], stock["version"]) == (3, 3)
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    events = decided(sku, restock(sku, 5), place_order(sku, 2))
+    store = ReadModelStore(scratch)
+    store.apply(plan_writes([(0, 0, events[0])]))
+    scratch.script_flush()  # as after a Redis restart
+    assert store.apply(plan_writes([(0, 1, events[1])])).events == 1
+    stock = ReadModels(scratch).stock(sku)
+    assert stock is not None
+    assert (stock["available"], stock["version"]) == (3, 2)
+    assert ReadModels(scratch).watermarks() == {0: 1}
+
+
+def test_an_error_reply_raises_and_the_next_write_is_whole(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    blocked, later = place_order(sku, 1), place_order(sku, 1)
+    events = decided(sku, restock(sku, 5), blocked, later)
+    scratch.set(order_key(blocked.order_id), "not a hash")  # its order line cannot be written
+    store = ReadModelStore(scratch)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        store.apply(plan_writes([(0, i, e) for i, e in enumerate(events[:2])]))
+    scratch.delete(order_key(blocked.order_id))
+    outcome = store.apply(plan_writes([(0, i, e) for i, e in enumerate(events)]))
+    assert (outcome.events, outcome.gaps) == (1, set())  # the first two were written before the error
+    assert ReadModels(scratch).order(blocked.order_id)[sku]["status"] == "processed"
+    assert ReadModels(scratch).order(later.order_id)[sku]["status"] == "processed"
+    assert ReadModels(scratch).watermarks() == {0: 2}
