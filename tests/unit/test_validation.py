@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from producers.commands import cancel_order, place_order, restock
@@ -35,3 +37,14 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_valid_commands_pass() -> None:
     for command in (place_order("SKU-1", 1), restock("SKU-1", 5), cancel_order("SKU-1", "o-1")):
         validate_command(command)
+
+
+def test_new_ids_are_distinct_random_uuids_in_canonical_text() -> None:
+    ids = [place_order("SKU-1", 1).command_id for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+    # Every hex digit outside the fixed version nibble varies, the variant digit over 8, 9, a, b.
+    assert {text[19] for text in ids} == set("89ab")
+    assert all(len({text[i] for text in ids}) == 16 for i in range(36) if i not in (8, 13, 14, 18, 19, 23))
