@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
-from faust.types import ProducerT, StreamT, TopicT
+from faust.types import TP, ProducerT, StreamT, TopicT
 
 from processors.dedupe import RecentCommands, decided_command_ids, refusal
 from processors.domain import OrderLine, Stock, decide, evolve
-from processors.transport import Transport
+from processors.transport import Consumer, Transport
 from schemas.codec import codec
 from schemas.records import (
     CancelOrder,
@@ -450,6 +450,13 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
     app.tables.add(table)
     handler = CommandHandler(settings, table, app.producer, read_commands)
 
+    def committable(tp: TP) -> int | None:
+        """One past the last command handled on a commands partition, as the table has it: saved
+        once the events of its batch were acknowledged (Faust flushes the producer before it
+        commits, so the save is in the changelog first)."""
+        handled = table.data.get(f"p:{tp.partition}") if tp.topic == settings.commands_topic else None
+        return None if handled is None else int(handled) + 1
+
     @app.agent(raw_topic(settings.commands_topic))
     async def process(stream: StreamT[bytes]) -> None:
         # take_events is on faust.Stream, the class every agent gets, not on the StreamT protocol.
@@ -460,6 +467,7 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         # them out of the garbage collector's full passes, which took 40-60 ms each with them
         # in, and a few ms without.
         gc.freeze()
+        cast(Consumer, app.consumer).committable = committable  # built by processors.transport
         async for events in batches:
             messages = [event.message for event in events]
             await handler.handle_batch(

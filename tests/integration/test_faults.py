@@ -17,6 +17,7 @@ from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
 from projections.queries import ReadModels
 from schemas.records import Event, OrderCancelled, OrderRejected
+from stockflow.lag import GroupLag, LagProbe
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
 from stockflow.verify import Report, verify
@@ -26,17 +27,33 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 
 def quiet_verify(settings: Settings, timeout_s: float = 180.0) -> Report:
-    """Verify once the read models have caught up with the log."""
+    """Verify once the read models have caught up with the log; then both groups must have
+    committed everything, since their committed lag is what operators and backpressure read."""
 
     def caught_up() -> Report | None:
         report = verify(settings)
         return None if report.behind or report.lost else report
 
     try:
-        return wait_for("the read models to catch up with the event log", caught_up, timeout_s)
+        report = wait_for("the read models to catch up with the event log", caught_up, timeout_s)
     except AssertionError:
         report = verify(settings)
         raise AssertionError(f"{report.summary()}\n{report.problems[:20]}\n{report.behind[:5]}") from None
+    probe = LagProbe(settings)
+    try:
+        lags: list[GroupLag] = []
+
+        def committed_all() -> bool:
+            lags[:] = probe.read()
+            return all(lag.total == 0 for lag in lags)
+
+        try:
+            wait_for("both groups to commit every message they handled", committed_all, 30)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {[lag.as_json() for lag in lags]}") from None
+    finally:
+        probe.close()
+    return report
 
 
 def test_verify_passes_on_a_healthy_pipeline(settings: Settings, stack: LocalStack) -> None:
