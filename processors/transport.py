@@ -40,7 +40,7 @@ class Consumer(faust_aiokafka.Consumer):
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def _new_offset(self, tp: TP) -> int | None:
-        """The offset Faust commits for ``tp`` at its next commit (it skips one not past the last).
+        """The offset to commit for ``tp`` next; Faust commits it if it is past the last one.
 
         Faust's own is one past the first unbroken run of offsets its stream acknowledged. Under
         processor restarts it went wrong in two ways, and the committed lag that operators and
