@@ -13,17 +13,19 @@ import gc
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 
 from projections.queries import ReadModels
 from projections.store import Applied, ReadModelStore
-from projections.views import latency_bucket, plan_writes
+from projections.views import WritePlan, latency_bucket, plan_writes
 from schemas.codec import codec
 from schemas.records import Event
 from stockflow import metrics
@@ -31,9 +33,14 @@ from stockflow.errors import DecodeError
 from stockflow.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Messages taken per consume() call while filling a batch: small, since one may hold many events.
 CONSUME_STEP = 50
+# What Redis being down (restarting, unreachable) raises once redis-py's own retries are spent.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+# The longest wait between two attempts to reach a Redis that is down.
+MAX_RETRY_WAIT_S = 5.0
 
 
 class ProjectionWorker:
@@ -66,6 +73,7 @@ class ProjectionWorker:
         self._written: list[tuple[int, int, Event | None]] = []
         self._writing_since = 0.0
         self._paused = False
+        self._stopping = threading.Event()  # set once run() ends: stop waiting for Redis
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         self._consumer.subscribe(
@@ -75,6 +83,7 @@ class ProjectionWorker:
         try:
             while not should_stop():
                 self.poll_once(timeout_s=0.5)
+            self._stopping.set()  # one more attempt at the batch in flight, not a wait for Redis
             self._finish_write(wait=True)
         finally:
             self._consumer.close()  # leave the group now, so the others take over at once
@@ -117,10 +126,37 @@ class ProjectionWorker:
             return 0
         if any(event is None for _, _, event in batch):
             self._dead_letters.flush(30)  # parked for good before the watermark moves past it
-        self._writing = self._writer.submit(self._store.apply, plan_writes(batch))
+        self._writing = self._writer.submit(self._write, plan_writes(batch))
         self._written = batch
         self._writing_since = time.monotonic()
         return len(batch)
+
+    def _write(self, plan: WritePlan) -> Applied:
+        """Write ``plan``, waiting for Redis if it is down. Meanwhile the worker pauses its
+        partitions and stays in the group, as it does while Redis is slow (poll_once); a Redis
+        that comes back empty is rebuilt from the log."""
+        return self._once_reachable("writing the batch", lambda: self._store.apply(plan))
+
+    def _once_reachable(self, what: str, attempt: Callable[[], T]) -> T:
+        """``attempt()``, again and again while Redis cannot be reached (restarting, a network
+        break), backing off up to MAX_RETRY_WAIT_S; given up once the worker is stopping."""
+        wait_s = 0.5
+        while True:
+            try:
+                return attempt()
+            except UNREACHABLE as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning(
+                    "Redis at %s is unreachable (%s): %s again in %.1fs;"
+                    " is redis-server running there? (STOCKFLOW_REDIS_URL)",
+                    self._settings.redis_url,
+                    exc,
+                    what,
+                    wait_s,
+                )
+                self._stopping.wait(wait_s)
+                wait_s = min(wait_s * 2, MAX_RETRY_WAIT_S)
 
     def _finish_write(self, wait: bool) -> bool:
         """Complete the batch in flight once Redis has it; False if it is still being written."""
@@ -194,7 +230,12 @@ class ProjectionWorker:
             if (partition, offset) != last_message:
                 metrics.VISIBLE_LATENCY.observe(ms / 1000)
                 last_message = (partition, offset)
-        self._store.record_latencies(counts)
+        try:
+            self._store.record_latencies(counts)
+        except UNREACHABLE:
+            log.warning(
+                "Redis is unreachable: the latencies of %d events are not recorded", sum(counts.values())
+            )
 
     def _lost_watermarks(self) -> set[int]:
         """Partitions this worker wrote whose watermark Redis no longer has (it lost its data).
@@ -204,7 +245,10 @@ class ProjectionWorker:
         """
         if not self._applied:
             return set()
-        held = self._models.watermarks()
+        try:
+            held = self._models.watermarks()
+        except UNREACHABLE:
+            return set()  # asked again at the next poll; the next write waits for Redis (_write)
         return {p for p, offset in self._applied.items() if held.get(p, -1) < offset}
 
     def _rebuild(self, partitions: set[int]) -> None:
@@ -240,7 +284,8 @@ class ProjectionWorker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._paused = False  # a new assignment starts unpaused
         metrics.PAUSED_PARTITIONS.set(0)
-        watermarks = self._models.watermarks()
+        # Where the new partitions resume: wait for Redis if it is down.
+        watermarks = self._once_reachable("reading the watermarks", self._models.watermarks)
         self._warn_if_redis_lost(consumer, [tp for tp in partitions if tp.partition not in watermarks])
         for tp in partitions:
             applied = watermarks.get(tp.partition)

@@ -183,6 +183,24 @@ def test_redis_losing_all_its_data_mid_load_is_noticed_and_rebuilt(
     assert "Redis lost data" in log  # rebuilt because it noticed, not by chance
 
 
+def test_redis_down_for_seconds_mid_load_is_waited_for_and_rebuilt(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    projection = stack.worker("projection", 1)
+
+    def restart_redis() -> None:
+        stack.redis.stop()  # the local stack's Redis keeps nothing on disk: its data goes too
+        time.sleep(3)  # longer than redis-py's own retries last
+        stack.start_redis()
+
+    run = load_with_fault(settings, stack, unique("REDIS") + "-", restart_redis)
+    print(run.line("Redis down 3 s"))
+    assert run.report.problems == []
+    assert projection.running()  # it waited for Redis instead of exiting
+    log = projection.log_file.read_text()
+    assert "is unreachable" in log and "Redis lost data" in log
+
+
 def test_an_order_placed_before_a_processor_crash_can_be_cancelled_after_it(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
