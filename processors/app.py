@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.types import TP, ProducerT, StreamT, TopicT
 
 from processors.dedupe import RecentCommands, decided_command_ids, refusal
@@ -412,6 +414,26 @@ def stalled(waiting: dict[int, int], idle_s: float, limit_s: float) -> bool:
     return idle_s >= limit_s and any(count > 0 for count in waiting.values())
 
 
+def stall_report(app: faust.App) -> str:
+    """What a stalled worker's consumer, recovery and agent were doing: Faust's internals, read
+    for the log only, so the cause of a stall can be found after the worker is gone."""
+    consumer = cast(Any, app.consumer)
+    recovery = cast(Any, app.tables).recovery
+    state = {
+        "assigned": sorted(f"{tp.topic}[{tp.partition}]" for tp in consumer.assignment()),
+        "paused by faust": sorted(f"{tp.topic}[{tp.partition}]" for tp in consumer._paused_partitions),
+        "paused in aiokafka": sorted(
+            f"{tp.topic}[{tp.partition}]" for tp in consumer._thread._consumer.paused()
+        ),
+        "flow control active": app.flow_control.is_active(),
+        "rebalancing": app.rebalancing,
+        "in recovery": recovery.in_recovery,
+        "recovery restart signalled": recovery.signal_recovery_start.is_set(),
+        "unacked messages": len(consumer._unacked_messages),
+    }
+    return f"{state}\n{app.agents.human_tracebacks()}"
+
+
 def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) -> faust.App:
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -484,23 +506,37 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         if not recovery.completed.is_set():
             handler.last_batch_at = time.monotonic()  # restoring the table is work, not a stall
             return
-        waiting = {}
-        for tp in app.consumer.assignment():
-            if tp.topic == settings.commands_topic:
-                recent = handler.recent.get(tp.partition)
-                handled = recent.last_offset if recent is not None else -1
-                waiting[tp.partition] = (app.consumer.highwater(tp) or 0) - handled - 1
         idle_s = time.monotonic() - handler.last_batch_at
+        if idle_s < settings.processor_stall_timeout_s:
+            return
+        commands = [tp for tp in app.consumer.assignment() if tp.topic == settings.commands_topic]
+        # End offsets from the broker: the consumer's own high-water mark is only as new as its
+        # last fetch, so a partition no longer fetched, or never fetched, looked idle by it.
+        try:
+            ends = await asyncio.wait_for(app.consumer.highwaters(*commands), 10)
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("stall check skipped: cannot read end offsets (%r)", exc)
+            return
+        waiting = {}
+        for tp in commands:
+            recent = handler.recent.get(tp.partition)
+            handled = recent.last_offset if recent is not None else -1
+            waiting[tp.partition] = ends.get(tp, 0) - handled - 1
         if stalled(waiting, idle_s, settings.processor_stall_timeout_s):
             log.error(
                 "no command reached the agent for %.0fs while %s wait on partitions %s: the stream"
-                " stopped delivering; exiting so the group gives the partitions to a live worker"
-                " (STOCKFLOW_PROCESSOR_STALL_TIMEOUT_S)",
+                " stopped delivering; restarting this worker in place, which the state is built to"
+                " survive (STOCKFLOW_PROCESSOR_STALL_TIMEOUT_S)",
                 idle_s,
                 sum(count for count in waiting.values() if count > 0),
                 sorted(p for p, count in waiting.items() if count > 0),
             )
+            log.error("where the worker stood: %s", stall_report(app))
             logging.shutdown()
-            os._exit(70)  # as abrupt as a crash, which the state is built to survive
+            # A fresh Faust in the same process, as abrupt as a crash: the same pid, so the
+            # stack, compose and any supervisor still hold the right process, and nothing has
+            # to be around to start it again. The stuck consumer is not trusted to leave the
+            # group; the broker drops it after the session timeout.
+            os.execv(sys.executable, sys.orig_argv)
 
     return app

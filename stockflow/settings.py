@@ -33,8 +33,9 @@ class Settings(BaseSettings):
     # How long a processor worker may go silent before the group gives its partitions to the
     # others: after a crash, the survivors (or the restarted worker) wait about this long.
     processor_session_timeout_s: float = Field(default=20.0, ge=6.0)
-    # A processor whose stream delivers nothing this long while commands wait exits (see README).
-    processor_stall_timeout_s: float = Field(default=120.0, gt=0)
+    # A processor whose stream delivers nothing this long while commands wait restarts itself
+    # (see README). Longer than a rebalance: the session timeout plus a few seconds.
+    processor_stall_timeout_s: float = Field(default=60.0, gt=0)
 
     # Publishers: at most this many commands of one partition in one Kafka message (send_many).
     publish_batch_size: int = Field(default=500, ge=1)
