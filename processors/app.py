@@ -500,12 +500,21 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
                 lag = max(app.consumer.highwater(tp) - handled - 1, 0)
                 metrics.CONSUMER_LAG.labels(settings.processor_group, tp.partition).set(lag)
 
+    restore_left = [-1]  # changelog records the table's restore still had to read, last check
+
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]  # faust's timer is untyped
     async def watchdog() -> None:
         recovery = cast(Any, app.tables).recovery  # the TableManager's, missing from its type
         if not recovery.completed.is_set():
             handler.last_batch_at = time.monotonic()  # restoring the table is work, not a stall
             return
+        if recovery.in_recovery:
+            # Faust sets `completed` once, after the first restore. A later one (a rebalance
+            # gave this worker more partitions) counts as work while it gets through records.
+            left = recovery.active_remaining_total()
+            if left != restore_left[0]:
+                handler.last_batch_at = time.monotonic()
+            restore_left[0] = left
         idle_s = time.monotonic() - handler.last_batch_at
         if idle_s < settings.processor_stall_timeout_s:
             return
