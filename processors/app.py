@@ -417,6 +417,13 @@ def stalled(waiting: dict[int, int], idle_s: float, limit_s: float) -> bool:
 def stall_report(app: faust.App) -> str:
     """What a stalled worker's consumer, recovery and agent were doing: Faust's internals, read
     for the log only, so the cause of a stall can be found after the worker is gone."""
+    try:
+        return _describe(app)
+    except Exception as exc:  # it reads Faust's internals, and must not stop the restart
+        return f"unknown: {exc!r}"
+
+
+def _describe(app: faust.App) -> str:
     consumer = cast(Any, app.consumer)
     recovery = cast(Any, app.tables).recovery
     state = {
