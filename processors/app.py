@@ -197,10 +197,15 @@ class CommandHandler:
         await asyncio.gather(*batch.deliveries)
         await self._save(batch)
 
+    def saved_offset(self, partition: int) -> int:
+        """The offset of the last command the table records as handled on ``partition``, -1 if
+        none: saved once the events of its batch were acknowledged."""
+        saved = self.table.data.get(f"p:{partition}")
+        return -1 if saved is None else int(saved)
+
     async def _take_over_if_needed(self, partition: int) -> None:
         """Rebuild a partition's retry window unless this worker has handled it all along."""
-        saved = self.table.data.get(f"p:{partition}")
-        handled = -1 if saved is None else int(saved)
+        handled = self.saved_offset(partition)
         recent = self.recent.get(partition)
         if recent is not None and recent.last_offset == handled:
             return
@@ -480,11 +485,10 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
     handler = CommandHandler(settings, table, app.producer, read_commands)
 
     def committable(tp: TP) -> int | None:
-        """One past the last command handled on a commands partition, as the table has it: saved
-        once the events of its batch were acknowledged (Faust flushes the producer before it
-        commits, so the save is in the changelog first)."""
-        handled = table.data.get(f"p:{tp.partition}") if tp.topic == settings.commands_topic else None
-        return None if handled is None else int(handled) + 1
+        """One past the last command handled on a commands partition, as the table has it (Faust
+        flushes the producer before it commits, so the save is in the changelog first)."""
+        handled = handler.saved_offset(tp.partition) if tp.topic == settings.commands_topic else -1
+        return None if handled < 0 else handled + 1
 
     @app.agent(raw_topic(settings.commands_topic))
     async def process(stream: StreamT[bytes]) -> None:
