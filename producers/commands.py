@@ -1,4 +1,8 @@
-"""Build commands with fresh ids and timestamps, the way a caller would."""
+"""Build commands with fresh ids and timestamps, the way a caller would.
+
+A caller that may send a command again (a retry after a timeout) passes its own ``command_id``:
+the processor decides a command id once.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ def place_order(
     order_id: str | None = None,
     expected_version: int | None = None,
     correlation_id: str | None = None,
+    command_id: str | None = None,
 ) -> PlaceOrder:
-    command_id = _new_id()
+    command_id = command_id or _new_id()
     return PlaceOrder(
         command_id=command_id,
         correlation_id=correlation_id or command_id,
@@ -44,8 +49,9 @@ def cancel_order(
     order_id: str,
     expected_version: int | None = None,
     correlation_id: str | None = None,
+    command_id: str | None = None,
 ) -> CancelOrder:
-    command_id = _new_id()
+    command_id = command_id or _new_id()
     return CancelOrder(
         command_id=command_id,
         correlation_id=correlation_id or command_id,
@@ -61,8 +67,9 @@ def restock(
     qty: int,
     expected_version: int | None = None,
     correlation_id: str | None = None,
+    command_id: str | None = None,
 ) -> Restock:
-    command_id = _new_id()
+    command_id = command_id or _new_id()
     return Restock(
         command_id=command_id,
         correlation_id=correlation_id or command_id,
