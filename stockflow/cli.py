@@ -145,6 +145,28 @@ def worker_projection() -> None:
     ProjectionWorker(settings).run(stop.is_set)
 
 
+@app.command("api")
+def api() -> None:
+    """Serve the HTTP API: publish commands, read the read models (runs until Ctrl-C).
+
+    Listens on STOCKFLOW_API_HOST:STOCKFLOW_API_PORT (127.0.0.1:8080); the README lists the routes.
+
+    Example: `stockflow api`, then `curl -d '{"sku": "SKU-1", "qty": 2}' localhost:8080/orders`
+    """
+    from aiohttp import web
+
+    from stockflow.api import create_api
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    web.run_app(
+        create_api(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        print=lambda _: print(f"HTTP API on http://{settings.api_host}:{settings.api_port}", flush=True),
+    )
+
+
 # -- publish -------------------------------------------------------------------------------
 def _publish(command: Any) -> None:
     from producers.publisher import Publisher

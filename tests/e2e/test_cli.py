@@ -52,6 +52,7 @@ def stockflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str
         ["verify"],
         ["status"],
         ["bench"],
+        ["api"],
         ["dlq", "list"],
         ["dlq", "redrive"],
     ],

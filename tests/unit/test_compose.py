@@ -14,6 +14,7 @@ from stockflow.settings import Settings
 
 COMPOSE = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
 WORKERS = ("processor", "projection")
+SERVICES = (*WORKERS, "api")  # every service that runs stockflow
 
 
 def env_of(service: str) -> dict[str, str]:
@@ -21,7 +22,7 @@ def env_of(service: str) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
-@pytest.mark.parametrize("service", WORKERS)
+@pytest.mark.parametrize("service", SERVICES)
 def test_every_stockflow_variable_is_a_setting(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fields = {f"STOCKFLOW_{name.upper()}" for name in Settings.model_fields}
     env = env_of(service)
@@ -34,7 +35,7 @@ def test_every_stockflow_variable_is_a_setting(service: str, monkeypatch: pytest
 
 def test_workers_reach_the_compose_services() -> None:
     kafka = COMPOSE["services"]["kafka"]["environment"]
-    for service in WORKERS:
+    for service in SERVICES:
         env = env_of(service)
         assert f"PLAINTEXT://{env['STOCKFLOW_BOOTSTRAP_SERVERS']}" in kafka["KAFKA_ADVERTISED_LISTENERS"]
         assert env["STOCKFLOW_REDIS_URL"].startswith("redis://redis:")
@@ -48,6 +49,15 @@ def test_worker_commands_exist_in_the_cli(service: str) -> None:
     assert argv[:2] == ["stockflow", "worker"]
     group = get_command(app).commands["worker"]  # type: ignore[attr-defined]
     assert argv[2] in group.commands
+
+
+def test_the_api_service_runs_the_api_command_on_its_published_port() -> None:
+    api = COMPOSE["services"]["api"]
+    assert api["command"] == ["stockflow", "api"]
+    assert "api" in get_command(app).commands  # type: ignore[attr-defined]
+    port = str(Settings.model_fields["api_port"].default)
+    assert env_of("api")["STOCKFLOW_API_HOST"] == "0.0.0.0"  # reachable from outside the container
+    assert f"{port}:{port}" in api["ports"]
 
 
 def test_the_broker_image_matches_the_local_stack_version() -> None:

@@ -1,0 +1,261 @@
+"""The HTTP API: publish commands and read the read models (aiohttp, already a Faust dependency).
+
+  POST /orders                     {"sku", "qty", "order_id"?, ...}
+  POST /orders/{order_id}/cancel   {"sku", ...}
+  POST /skus/{sku}/restock         {"qty", ...}
+      ... = optional "expected_version", "correlation_id", and "command_id": a retry that sends
+      the same command_id is decided once
+      202  the command is in the commands log (acks=all): {"command_id", "partition", "offset", ...}
+      400  not JSON, a field missing, unknown or of the wrong type, or a rule of the contract
+           broken (qty <= 0, an empty SKU); the reason is in {"error"}, and nothing was sent
+      429  the workers are too far behind (backpressure); Retry-After says when to try again
+      503  Kafka did not acknowledge the command
+  GET /skus/{sku}                  stock of a SKU, 404 until an event about it is projected
+  GET /orders/{order_id}           status of each line, 404 until one is projected; with
+                                   ?wait_ms=N waits up to N ms for it (read your own order)
+  GET /top?n=10                    top sellers by units sold
+  GET /health                      200 once Redis answers
+
+A command is accepted once Kafka holds it and decided by the processor shortly after: a 202 is
+not a decision. The decision shows in the read models, which is what ``wait_ms`` waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+from aiohttp import web
+
+from producers.commands import cancel_order, place_order, restock
+from producers.publisher import Publisher, PublishError, Receipt
+from projections.queries import ReadModels
+from schemas.records import Command
+from stockflow.errors import InvalidCommand
+from stockflow.lag import Overloaded
+from stockflow.settings import Settings
+
+# The longest a GET /orders/{id}?wait_ms=N may hold a request.
+MAX_WAIT_MS = 30_000
+# How often a waiting GET looks at Redis again.
+WAIT_POLL_S = 0.02
+# How long a POST waits for Kafka's acknowledgement before answering 503.
+ACK_TIMEOUT_S = 30.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JSON_TYPES = {int: "a whole number", str: "a string"}
+
+
+class BadRequest(Exception):
+    """A request body or parameter the API cannot use; the message says which and why."""
+
+
+class CommandGateway:
+    """Publishes commands for the event loop without blocking it.
+
+    ``Publisher.send`` may read the consumer lag from the broker (backpressure), so it runs in a
+    thread of its own; a second thread serves the producer's delivery reports, which settle
+    each request's future.
+    """
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        self._stopping = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="deliveries", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stopping.is_set():
+            self._publisher.poll(0.1)
+
+    async def publish(self, command: Command) -> Receipt:
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Receipt] = loop.create_future()
+
+        def settle(receipt: Receipt | None, error: PublishError | None) -> None:
+            if outcome.done():
+                return
+            if receipt is not None:
+                outcome.set_result(receipt)
+            else:
+                outcome.set_exception(error or PublishError(f"{command.command_id}: not acknowledged"))
+
+        def delivered(_command: Command, receipt: Receipt | None, error: PublishError | None) -> None:
+            loop.call_soon_threadsafe(settle, receipt, error)
+
+        # wait_s=0: an HTTP caller gets 429 at once rather than a request held open.
+        await loop.run_in_executor(self._sender, lambda: self._publisher.send(command, delivered, 0))
+        try:
+            return await asyncio.wait_for(outcome, ACK_TIMEOUT_S)
+        except TimeoutError:
+            raise PublishError(
+                f"no acknowledgement from Kafka within {ACK_TIMEOUT_S:.0f}s for {type(command).__name__}"
+                f" {command.command_id}; it may still be written, so to retry send the request again"
+                f' with "command_id": "{command.command_id}" (decided once however often it is sent);'
+                " is the broker up (STOCKFLOW_BOOTSTRAP_SERVERS)?"
+            ) from None
+
+    def close(self) -> None:
+        self._sender.shutdown(wait=True)
+        self._stopping.set()
+        self._poller.join()
+        self._publisher.close()
+
+
+def _body(fields: dict[str, Any], required: dict[str, type], optional: dict[str, type]) -> dict[str, Any]:
+    """The body's fields, checked against the names and types a command takes."""
+    unknown = set(fields) - set(required) - set(optional)
+    if unknown:
+        raise BadRequest(f"unknown field(s) {sorted(unknown)}: this request takes {[*required, *optional]}")
+    for name in required:
+        if name not in fields:
+            raise BadRequest(f"field {name!r} is missing: this request takes {[*required, *optional]}")
+    for name, value in fields.items():
+        wanted = required.get(name) or optional[name]
+        if value is None and name in optional:
+            continue
+        # bool is an int to Python, not to a caller sending JSON.
+        if not isinstance(value, wanted) or isinstance(value, bool):
+            raise BadRequest(f"field {name!r} must be {JSON_TYPES[wanted]}, not {json.dumps(value)}")
+    return fields
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        fields = await request.json()
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not JSON ({exc}): send a JSON object") from exc
+    if not isinstance(fields, dict):
+        raise BadRequest(f"the body must be a JSON object, not {type(fields).__name__}")
+    return fields
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"?{name}={raw} is not a whole number") from None
+    if not low <= value <= high:
+        raise BadRequest(f"?{name}={value} is out of range: {low} to {high}")
+    return value
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The API's errors as JSON, with the status that tells a client what to do next."""
+    try:
+        return await handler(request)
+    except (BadRequest, InvalidCommand) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except Overloaded as exc:
+        retry_after = str(max(1, math.ceil(exc.retry_after_ms / 1000)))
+        return web.json_response(
+            {"error": str(exc), "retry_after_ms": exc.retry_after_ms},
+            status=429,
+            headers={"Retry-After": retry_after},
+        )
+    except PublishError as exc:
+        return web.json_response({"error": str(exc)}, status=503)
+    except redis.RedisError as exc:
+        return web.json_response({"error": f"Redis did not answer: {exc} (STOCKFLOW_REDIS_URL)"}, status=503)
+    except web.HTTPException as exc:  # no such route or method
+        if exc.status < 400:
+            raise
+        routes = sorted(
+            f"{route.method} {route.resource.canonical}"
+            for route in request.app.router.routes()
+            if route.resource is not None and route.method != "HEAD"  # aiohttp adds HEAD to each GET
+        )
+        error = f"{exc.reason}: {request.method} {request.path}; the API serves {routes}"
+        return web.json_response({"error": error}, status=exc.status)
+
+
+def create_api(settings: Settings, publisher: Publisher | None = None) -> web.Application:
+    models = ReadModels(redis.Redis.from_url(settings.redis_url))
+    gateway = CommandGateway(publisher or Publisher(settings))
+    optional = {"expected_version": int, "correlation_id": str, "command_id": str}
+
+    async def accepted(command: Command, **extra: Any) -> web.Response:
+        receipt = await gateway.publish(command)
+        body = {
+            "command_id": receipt.command_id,
+            "type": type(command).__name__,
+            "partition": receipt.partition,
+            "offset": receipt.offset,
+            **extra,
+        }
+        return web.json_response(body, status=202)
+
+    async def post_order(request: web.Request) -> web.Response:
+        body = _body(await _json(request), {"sku": str, "qty": int}, {"order_id": str, **optional})
+        command = place_order(**body)
+        return await accepted(command, order_id=command.order_id)
+
+    async def post_cancel(request: web.Request) -> web.Response:
+        body = _body(await _json(request), {"sku": str}, optional)
+        order_id = request.match_info["order_id"]
+        return await accepted(cancel_order(order_id=order_id, **body), order_id=order_id)
+
+    async def post_restock(request: web.Request) -> web.Response:
+        body = _body(await _json(request), {"qty": int}, optional)
+        return await accepted(restock(request.match_info["sku"], **body))
+
+    async def read(query: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, query, *args)  # redis-py blocks
+
+    async def get_stock(request: web.Request) -> web.Response:
+        sku = request.match_info["sku"]
+        row = await read(models.stock, sku)
+        if row is None:
+            return web.json_response({"error": f"no event about SKU {sku!r} is projected yet"}, status=404)
+        return web.json_response(row)
+
+    async def get_order(request: web.Request) -> web.Response:
+        order_id = request.match_info["order_id"]
+        wait_ms = _int_param(request, "wait_ms", 0, 0, MAX_WAIT_MS)
+        deadline = asyncio.get_running_loop().time() + wait_ms / 1000
+        while not (lines := await read(models.order, order_id)):
+            if asyncio.get_running_loop().time() >= deadline:
+                return web.json_response(
+                    {"error": f"no decision about order {order_id!r} is projected yet"}, status=404
+                )
+            await asyncio.sleep(WAIT_POLL_S)
+        return web.json_response({"order_id": order_id, "lines": lines})
+
+    async def get_top(request: web.Request) -> web.Response:
+        n = _int_param(request, "n", 10, 1, 1000)
+        return web.json_response(
+            [{"sku": sku, "units_sold": units} for sku, units in await read(models.top, n)]
+        )
+
+    async def health(_request: web.Request) -> web.Response:
+        await read(models.watermarks)  # raises (503) if Redis does not answer
+        return web.json_response({"status": "ok"})
+
+    async def close_gateway(_app: web.Application) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, gateway.close)  # flushes the producer
+
+    api = web.Application(middlewares=[_errors])
+    api.add_routes(
+        [
+            web.post("/orders", post_order),
+            web.post("/orders/{order_id}/cancel", post_cancel),
+            web.post("/skus/{sku}/restock", post_restock),
+            web.get("/skus/{sku}", get_stock),
+            web.get("/orders/{order_id}", get_order),
+            web.get("/top", get_top),
+            web.get("/health", health),
+        ]
+    )
+    api.on_cleanup.append(close_gateway)
+    return api

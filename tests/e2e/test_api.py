@@ -1,0 +1,160 @@
+"""The HTTP API as a client uses it: `stockflow api` against the session's real stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stockflow.settings import Settings
+from stockflow.stack import settings_env
+from tests.conftest import free_port
+from tests.pipeline import read_topic, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+@contextmanager
+def api_server(settings: Settings, log: Path, **env: str) -> Iterator[str]:
+    """`stockflow api` in a process of its own; yields its base URL, and stops it by pid."""
+    port = free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stockflow", "api"],
+            env=settings_env(settings) | {"STOCKFLOW_API_PORT": str(port), **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"the API to answer (log: {log})", lambda: call(url, "GET", "/health")[0] == 200 or None, 30)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def call(
+    url: str, method: str, path: str, body: Any = None, raw: bytes | None = None
+) -> tuple[int, Any, Any]:
+    """(status, JSON body, headers); a refused connection is status 0."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=40) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), error.headers
+    except urllib.error.URLError:  # not listening yet
+        return 0, None, {}
+
+
+@pytest.fixture(scope="module")
+def api(settings: Settings, stack: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with api_server(settings, tmp_path_factory.mktemp("api") / "api.log") as url:
+        yield url
+
+
+def test_an_order_placed_over_http_is_decided_and_read_back(api: str, unique: Callable[[str], str]) -> None:
+    sku, order_id = unique("SKU"), unique("order")
+    restock = {"qty": 5, "command_id": unique("restock")}
+    status, receipt, _ = call(api, "POST", f"/skus/{sku}/restock", restock)
+    assert status == 202, receipt
+    assert receipt["type"] == "Restock" and receipt["offset"] >= 0
+    # Sent again (a client retrying after a timeout): the same command id is decided once.
+    assert call(api, "POST", f"/skus/{sku}/restock", restock)[1]["command_id"] == restock["command_id"]
+
+    status, receipt, _ = call(api, "POST", "/orders", {"sku": sku, "qty": 3, "order_id": order_id})
+    assert (status, receipt["order_id"], receipt["type"]) == (202, order_id, "PlaceOrder")
+    # The decision comes after the 202; wait_ms holds the read until it is visible.
+    status, order, _ = call(api, "GET", f"/orders/{order_id}?wait_ms=30000")
+    assert status == 200, order
+    assert order["lines"][sku]["status"] == "processed"
+    assert order["lines"][sku]["qty"] == 3
+
+    status, too_big, _ = call(api, "POST", "/orders", {"sku": sku, "qty": 4})
+    assert status == 202
+    status, order, _ = call(api, "GET", f"/orders/{too_big['order_id']}?wait_ms=30000")
+    assert order["lines"][sku]["status"] == "rejected"
+    assert "insufficient stock: 4 requested, 2 available" in order["lines"][sku]["reason"]
+
+    status, _, _ = call(api, "POST", f"/orders/{order_id}/cancel", {"sku": sku})
+    assert status == 202
+
+    def cancelled() -> dict[str, Any] | None:
+        _, row, _ = call(api, "GET", f"/skus/{sku}")
+        return row if row.get("cancelled") == 1 else None
+
+    row = wait_for("the cancel in GET /skus/{sku}", cancelled)
+    assert (row["available"], row["units_sold"], row["rejected"], row["replenished"]) == (5, 0, 1, 1)
+    assert call(api, "GET", f"/orders/{order_id}")[1]["lines"][sku]["status"] == "cancelled"
+    assert call(api, "GET", f"/skus/{unique('never-seen')}")[0] == 404
+    assert call(api, "GET", f"/orders/{unique('never-seen')}?wait_ms=200")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/orders", b"{not json", "the body is not JSON"),
+        ("/orders", b"[1, 2]", "must be a JSON object"),
+        ("/orders", {"qty": 2}, "field 'sku' is missing"),
+        ("/orders", {"sku": "SKU-1", "qty": "2"}, "field 'qty' must be a whole number"),
+        ("/orders", {"sku": "SKU-1", "qty": True}, "field 'qty' must be a whole number"),
+        ("/orders", {"sku": "SKU-1", "qty": 0}, "qty is 0"),
+        ("/orders", {"sku": " ", "qty": 1}, "sku is empty"),
+        ("/orders", {"sku": "SKU-1", "qty": 1, "colour": "red"}, "unknown field(s) ['colour']"),
+        ("/skus/SKU-1/restock", {"qty": -4}, "qty is -4"),
+        ("/orders/o-1/cancel", {}, "field 'sku' is missing"),
+    ],
+)
+def test_a_bad_request_gets_400_saying_what_is_wrong_and_sends_nothing(
+    api: str, settings: Settings, path: str, body: Any, message: str
+) -> None:
+    before = len(read_topic(settings, settings.commands_topic))
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, answer, _ = call(api, "POST", path, raw=raw)
+    assert status == 400
+    assert message in answer["error"]
+    assert len(read_topic(settings, settings.commands_topic)) == before
+
+
+def test_an_unknown_route_is_answered_in_json_with_the_routes(api: str) -> None:
+    status, answer, _ = call(api, "DELETE", "/orders")
+    assert status == 405
+    assert "POST /orders" in answer["error"]
+    assert call(api, "GET", "/nothing-here")[0] == 404
+    assert call(api, "GET", "/top?n=0")[0] == 400
+
+
+def test_publishing_while_the_workers_lag_gets_429_with_retry_after_and_sends_nothing(
+    api: str, settings: Settings, tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    assert call(api, "POST", f"/skus/{unique('SKU')}/restock", {"qty": 1})[0] == 202
+    before = len(read_topic(settings, settings.commands_topic))
+    # A projection group that has read nothing is behind by the whole event log, and the
+    # processor group by every command it has not committed: with a high-water mark of 1
+    # the pipeline counts as overloaded.
+    lagging = {
+        "STOCKFLOW_PROJECTION_GROUP": unique("never-ran"),
+        "STOCKFLOW_PROCESSOR_GROUP": unique("never-ran"),
+        "STOCKFLOW_BACKPRESSURE_HIGH_WATER": "1",
+        "STOCKFLOW_BACKPRESSURE_LOW_WATER": "0",
+    }
+    with api_server(settings, tmp_path / "api.log", **lagging) as url:
+        status, answer, headers = call(url, "POST", "/orders", {"sku": unique("SKU"), "qty": 1})
+    assert status == 429, answer
+    assert int(headers["Retry-After"]) >= 1
+    assert "overloaded" in answer["error"] and "STOCKFLOW_BACKPRESSURE_HIGH_WATER" in answer["error"]
+    assert len(read_topic(settings, settings.commands_topic)) == before
