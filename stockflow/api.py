@@ -1,6 +1,7 @@
 """The HTTP API: publish commands and read the read models (aiohttp, already a Faust dependency).
 
-  POST /orders                     {"sku", "qty", "order_id"?, ...}
+  POST /orders                     {"sku", "qty", "order_id"?, ...}, or an array of up to 5,000
+                                   of them, answered with {"commands": [...]} in the same order
   POST /orders/{order_id}/cancel   {"sku", ...}
   POST /skus/{sku}/restock         {"qty", ...}
       ... = optional "expected_version", "correlation_id", and "command_id": a retry that sends
@@ -26,7 +27,7 @@ import asyncio
 import json
 import math
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,7 +37,7 @@ from aiohttp import web
 from producers.commands import cancel_order, place_order, restock
 from producers.publisher import Publisher, PublishError, Receipt
 from projections.queries import ReadModels
-from schemas.records import Command
+from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
 from stockflow.errors import InvalidCommand
 from stockflow.lag import Overloaded
 from stockflow.settings import Settings
@@ -47,6 +48,8 @@ MAX_WAIT_MS = 30_000
 WAIT_POLL_S = 0.02
 # How long a POST waits for Kafka's acknowledgement before answering 503.
 ACK_TIMEOUT_S = 30.0
+# The most orders one POST /orders may carry (about 100 bytes of JSON each).
+MAX_ORDERS_PER_REQUEST = 5000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_TYPES = {int: "a whole number", str: "a string"}
@@ -54,6 +57,14 @@ JSON_TYPES = {int: "a whole number", str: "a string"}
 
 class BadRequest(Exception):
     """A request body or parameter the API cannot use; the message says which and why."""
+
+
+class Unacknowledged(Exception):
+    """Kafka did not acknowledge every command of a request: some may still be written."""
+
+    def __init__(self, message: str, command_ids: list[str]) -> None:
+        super().__init__(message)
+        self.command_ids = command_ids
 
 
 class CommandGateway:
@@ -75,31 +86,36 @@ class CommandGateway:
         while not self._stopping.is_set():
             self._publisher.poll(0.1)
 
-    async def publish(self, command: Command) -> Receipt:
+    async def publish(self, commands: Sequence[Command]) -> list[Receipt]:
+        """Send ``commands`` (as batch frames when there are many); their receipts, in order."""
         loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[Receipt] = loop.create_future()
+        outcomes: list[asyncio.Future[Receipt]] = [loop.create_future() for _ in commands]
+        by_command = {id(command): outcome for command, outcome in zip(commands, outcomes, strict=True)}
 
-        def settle(receipt: Receipt | None, error: PublishError | None) -> None:
+        def settle(outcome: asyncio.Future[Receipt], receipt: Receipt | None, error: Exception) -> None:
             if outcome.done():
                 return
             if receipt is not None:
                 outcome.set_result(receipt)
             else:
-                outcome.set_exception(error or PublishError(f"{command.command_id}: not acknowledged"))
+                outcome.set_exception(error)
 
-        def delivered(_command: Command, receipt: Receipt | None, error: PublishError | None) -> None:
-            loop.call_soon_threadsafe(settle, receipt, error)
+        def delivered(command: Command, receipt: Receipt | None, error: PublishError | None) -> None:
+            failure = error or PublishError(f"{command.command_id}: not acknowledged")
+            loop.call_soon_threadsafe(settle, by_command[id(command)], receipt, failure)
 
         # wait_s=0: an HTTP caller gets 429 at once rather than a request held open.
-        await loop.run_in_executor(self._sender, lambda: self._publisher.send(command, delivered, 0))
+        await loop.run_in_executor(self._sender, lambda: self._publisher.send_many(commands, delivered, 0))
         try:
-            return await asyncio.wait_for(outcome, ACK_TIMEOUT_S)
-        except TimeoutError:
-            raise PublishError(
-                f"no acknowledgement from Kafka within {ACK_TIMEOUT_S:.0f}s for {type(command).__name__}"
-                f" {command.command_id}; it may still be written, so to retry send the request again"
-                f' with "command_id": "{command.command_id}" (decided once however often it is sent);'
-                " is the broker up (STOCKFLOW_BOOTSTRAP_SERVERS)?"
+            return await asyncio.wait_for(asyncio.gather(*outcomes), ACK_TIMEOUT_S)
+        except (TimeoutError, PublishError) as exc:
+            reason = f"within {ACK_TIMEOUT_S:.0f}s" if isinstance(exc, TimeoutError) else f"({exc})"
+            raise Unacknowledged(
+                f"Kafka did not acknowledge {reason}; the commands may still be written, so to retry"
+                ' send the request again with each command\'s "command_id" from "command_ids":'
+                " a command id is decided once however often it is sent; is the broker up"
+                " (STOCKFLOW_BOOTSTRAP_SERVERS)?",
+                [command.command_id for command in commands],
             ) from None
 
     def close(self) -> None:
@@ -109,32 +125,34 @@ class CommandGateway:
         self._publisher.close()
 
 
-def _body(fields: dict[str, Any], required: dict[str, type], optional: dict[str, type]) -> dict[str, Any]:
-    """The body's fields, checked against the names and types a command takes."""
-    unknown = set(fields) - set(required) - set(optional)
+def _body(
+    fields: Any, required: dict[str, type], optional: dict[str, type], where: str = "the body"
+) -> dict[str, Any]:
+    """The fields of a JSON object, checked against the names and types a command takes."""
+    if not isinstance(fields, dict):
+        raise BadRequest(f"{where} must be a JSON object, not {type(fields).__name__}")
+    takes = [*required, *optional]
+    unknown = set(fields) - set(takes)
     if unknown:
-        raise BadRequest(f"unknown field(s) {sorted(unknown)}: this request takes {[*required, *optional]}")
+        raise BadRequest(f"{where}: unknown field(s) {sorted(unknown)}: it takes {takes}")
     for name in required:
         if name not in fields:
-            raise BadRequest(f"field {name!r} is missing: this request takes {[*required, *optional]}")
+            raise BadRequest(f"{where}: field {name!r} is missing: it takes {takes}")
     for name, value in fields.items():
         wanted = required.get(name) or optional[name]
         if value is None and name in optional:
             continue
         # bool is an int to Python, not to a caller sending JSON.
         if not isinstance(value, wanted) or isinstance(value, bool):
-            raise BadRequest(f"field {name!r} must be {JSON_TYPES[wanted]}, not {json.dumps(value)}")
+            raise BadRequest(f"{where}: field {name!r} must be {JSON_TYPES[wanted]}, not {json.dumps(value)}")
     return fields
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
+async def _json(request: web.Request) -> Any:
     try:
-        fields = await request.json()
+        return await request.json()
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the body is not JSON ({exc}): send a JSON object") from exc
-    if not isinstance(fields, dict):
-        raise BadRequest(f"the body must be a JSON object, not {type(fields).__name__}")
-    return fields
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -164,8 +182,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             status=429,
             headers={"Retry-After": retry_after},
         )
-    except PublishError as exc:
-        return web.json_response({"error": str(exc)}, status=503)
+    except Unacknowledged as exc:
+        return web.json_response({"error": str(exc), "command_ids": exc.command_ids}, status=503)
     except redis.RedisError as exc:
         return web.json_response({"error": f"Redis did not answer: {exc} (STOCKFLOW_REDIS_URL)"}, status=503)
     except web.HTTPException as exc:  # no such route or method
@@ -185,30 +203,47 @@ def create_api(settings: Settings, publisher: Publisher | None = None) -> web.Ap
     gateway = CommandGateway(publisher or Publisher(settings))
     optional = {"expected_version": int, "correlation_id": str, "command_id": str}
 
-    async def accepted(command: Command, **extra: Any) -> web.Response:
-        receipt = await gateway.publish(command)
-        body = {
-            "command_id": receipt.command_id,
-            "type": type(command).__name__,
-            "partition": receipt.partition,
-            "offset": receipt.offset,
-            **extra,
-        }
-        return web.json_response(body, status=202)
+    async def accepted(commands: Sequence[Command], many: bool = False) -> web.Response:
+        receipts = await gateway.publish(commands)
+        rows = [
+            {
+                "command_id": receipt.command_id,
+                "type": type(command).__name__,
+                "partition": receipt.partition,
+                "offset": receipt.offset,
+                **({"order_id": command.order_id} if isinstance(command, (PlaceOrder, CancelOrder)) else {}),
+            }
+            for command, receipt in zip(commands, receipts, strict=True)
+        ]
+        return web.json_response({"commands": rows} if many else rows[0], status=202)
 
     async def post_order(request: web.Request) -> web.Response:
-        body = _body(await _json(request), {"sku": str, "qty": int}, {"order_id": str, **optional})
-        command = place_order(**body)
-        return await accepted(command, order_id=command.order_id)
+        """One order (a JSON object), or many (an array of them) sent as batch frames."""
+        payload = await _json(request)
+        many = isinstance(payload, list)
+        items = payload if many else [payload]
+        if many and not 1 <= len(items) <= MAX_ORDERS_PER_REQUEST:
+            raise BadRequest(
+                f"send 1 to {MAX_ORDERS_PER_REQUEST:,} orders in one request, not {len(items):,}"
+            )
+        orders = []
+        for index, item in enumerate(items):
+            where = f"order {index}" if many else "the body"
+            order = place_order(**_body(item, {"sku": str, "qty": int}, {"order_id": str, **optional}, where))
+            try:
+                validate_command(order)
+            except InvalidCommand as exc:
+                raise BadRequest(f"{where}: {exc}") from None
+            orders.append(order)
+        return await accepted(orders, many)
 
     async def post_cancel(request: web.Request) -> web.Response:
         body = _body(await _json(request), {"sku": str}, optional)
-        order_id = request.match_info["order_id"]
-        return await accepted(cancel_order(order_id=order_id, **body), order_id=order_id)
+        return await accepted([cancel_order(order_id=request.match_info["order_id"], **body)])
 
     async def post_restock(request: web.Request) -> web.Response:
         body = _body(await _json(request), {"qty": int}, optional)
-        return await accepted(restock(request.match_info["sku"], **body))
+        return await accepted([restock(request.match_info["sku"], **body)])
 
     async def read(query: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, query, *args)  # redis-py blocks

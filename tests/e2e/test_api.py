@@ -104,6 +104,25 @@ def test_an_order_placed_over_http_is_decided_and_read_back(api: str, unique: Ca
     assert call(api, "GET", f"/orders/{unique('never-seen')}?wait_ms=200")[0] == 404
 
 
+def test_many_orders_in_one_request_are_each_decided(api: str, unique: Callable[[str], str]) -> None:
+    sku = unique("SKU")
+    assert call(api, "POST", f"/skus/{sku}/restock", {"qty": 4})[0] == 202
+    orders = [
+        {"sku": sku, "qty": qty, "order_id": unique(f"order-{i}")} for i, qty in enumerate([1, 2, 5, 1])
+    ]
+    status, answer, _ = call(api, "POST", "/orders", orders)
+    assert status == 202, answer
+    receipts = answer["commands"]
+    assert [r["order_id"] for r in receipts] == [o["order_id"] for o in orders]  # in the order sent
+    assert len({r["command_id"] for r in receipts}) == 4
+    assert len({(r["partition"], r["offset"]) for r in receipts}) == 1  # one batch frame, one Kafka message
+    statuses = []
+    for order in orders:
+        _, found, _ = call(api, "GET", f"/orders/{order['order_id']}?wait_ms=30000")
+        statuses.append(found["lines"][sku]["status"])
+    assert statuses == ["processed", "processed", "rejected", "processed"]  # 4 units: 1 + 2, not 5, then 1
+
+
 @pytest.mark.parametrize(
     ("path", "body", "message"),
     [
@@ -117,6 +136,9 @@ def test_an_order_placed_over_http_is_decided_and_read_back(api: str, unique: Ca
         ("/orders", {"sku": "SKU-1", "qty": 1, "colour": "red"}, "unknown field(s) ['colour']"),
         ("/skus/SKU-1/restock", {"qty": -4}, "qty is -4"),
         ("/orders/o-1/cancel", {}, "field 'sku' is missing"),
+        ("/orders", [], "send 1 to 5,000 orders in one request, not 0"),
+        ("/orders", [{"sku": "SKU-1", "qty": 1}, {"sku": "SKU-1", "qty": 0}], "order 1: invalid PlaceOrder"),
+        ("/orders", [{"sku": "SKU-1", "qty": 1}, "SKU-2"], "order 1 must be a JSON object, not str"),
     ],
 )
 def test_a_bad_request_gets_400_saying_what_is_wrong_and_sends_nothing(
