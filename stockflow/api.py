@@ -70,7 +70,7 @@ class Unacknowledged(Exception):
 class CommandGateway:
     """Publishes commands for the event loop without blocking it.
 
-    ``Publisher.send`` may read the consumer lag from the broker (backpressure), so it runs in a
+    ``Publisher.send_many`` may read the consumer lag from the broker (backpressure), so it runs in a
     thread of its own; a second thread serves the producer's delivery reports, which settle
     each request's future.
     """
@@ -106,17 +106,23 @@ class CommandGateway:
 
         # wait_s=0: an HTTP caller gets 429 at once rather than a request held open.
         await loop.run_in_executor(self._sender, lambda: self._publisher.send_many(commands, delivered, 0))
+        # Failures are collected too, so that none is left unretrieved.
+        collected = asyncio.gather(*outcomes, return_exceptions=True)
         try:
-            return await asyncio.wait_for(asyncio.gather(*outcomes), ACK_TIMEOUT_S)
-        except (TimeoutError, PublishError) as exc:
-            reason = f"within {ACK_TIMEOUT_S:.0f}s" if isinstance(exc, TimeoutError) else f"({exc})"
-            raise Unacknowledged(
-                f"Kafka did not acknowledge {reason}; the commands may still be written, so to retry"
-                ' send the request again with each command\'s "command_id" from "command_ids":'
-                " a command id is decided once however often it is sent; is the broker up"
-                " (STOCKFLOW_BOOTSTRAP_SERVERS)?",
-                [command.command_id for command in commands],
-            ) from None
+            results: list[Receipt | BaseException] = await asyncio.wait_for(collected, ACK_TIMEOUT_S)
+        except TimeoutError:
+            results = [TimeoutError(f"no answer within {ACK_TIMEOUT_S:.0f}s")]
+        receipts = [result for result in results if isinstance(result, Receipt)]
+        if len(receipts) == len(commands):
+            return receipts
+        failure = next(result for result in results if not isinstance(result, Receipt))
+        raise Unacknowledged(
+            f"Kafka did not acknowledge every command ({failure}); they may still be written, so to"
+            ' retry send the request again with each command\'s "command_id" from "command_ids":'
+            " a command id is decided once however often it is sent; is the broker up"
+            " (STOCKFLOW_BOOTSTRAP_SERVERS)?",
+            [command.command_id for command in commands],
+        )
 
     def close(self) -> None:
         self._sender.shutdown(wait=True)
