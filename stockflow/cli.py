@@ -181,6 +181,12 @@ def _publish(command: Any) -> None:
 ExpectedVersion = Annotated[
     int | None, typer.Option(help="Decide only if the SKU is at this version (optimistic concurrency).")
 ]
+CommandId = Annotated[
+    str | None,
+    typer.Option(
+        help="The command's id (a new UUID if left out). Sent again with the same id, it is decided once."
+    ),
+]
 
 
 @publish_app.command("order")
@@ -189,6 +195,7 @@ def publish_order(
     qty: int,
     order_id: Annotated[str | None, typer.Option(help="Order id; a new UUID if left out.")] = None,
     expected_version: ExpectedVersion = None,
+    command_id: CommandId = None,
 ) -> None:
     """Place an order for QTY units of SKU.
 
@@ -196,29 +203,33 @@ def publish_order(
     """
     from producers.commands import place_order
 
-    _publish(place_order(sku, qty, order_id, expected_version))
+    _publish(place_order(sku, qty, order_id, expected_version, command_id=command_id))
 
 
 @publish_app.command("cancel")
-def publish_cancel(sku: str, order_id: str, expected_version: ExpectedVersion = None) -> None:
+def publish_cancel(
+    sku: str, order_id: str, expected_version: ExpectedVersion = None, command_id: CommandId = None
+) -> None:
     """Cancel a processed order, releasing its units.
 
     Example: `stockflow publish cancel SKU-1 o-1001`
     """
     from producers.commands import cancel_order
 
-    _publish(cancel_order(sku, order_id, expected_version))
+    _publish(cancel_order(sku, order_id, expected_version, command_id=command_id))
 
 
 @publish_app.command("restock")
-def publish_restock(sku: str, qty: int, expected_version: ExpectedVersion = None) -> None:
+def publish_restock(
+    sku: str, qty: int, expected_version: ExpectedVersion = None, command_id: CommandId = None
+) -> None:
     """Add QTY units of SKU to stock.
 
     Example: `stockflow publish restock SKU-1 100`
     """
     from producers.commands import restock
 
-    _publish(restock(sku, qty, expected_version))
+    _publish(restock(sku, qty, expected_version, command_id=command_id))
 
 
 @app.command("load")

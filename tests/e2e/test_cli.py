@@ -90,9 +90,12 @@ def test_invalid_input_is_refused_with_exit_2_and_nothing_is_sent(
 @pytest.mark.usefixtures("stack")
 def test_publish_then_query_by_hand(settings: Settings, unique: Callable[[str], str]) -> None:
     sku, order_id = unique("SKU"), unique("order")
-    restocked = stockflow(settings, "publish", "restock", sku, "5")
+    restocked = stockflow(settings, "publish", "restock", sku, "5", "--command-id", unique("restock"))
     assert restocked.returncode == 0, restocked.stderr
     assert "Restock" in restocked.stdout and "partition" in restocked.stdout
+    # Sent again with its id (a retry after a timeout): decided once, so 5 units, not 10.
+    again = stockflow(settings, "publish", "restock", sku, "5", "--command-id", unique("restock"))
+    assert again.returncode == 0, again.stderr
     ordered = stockflow(settings, "publish", "order", sku, "2", "--order-id", order_id)
     assert ordered.returncode == 0, ordered.stderr
 
