@@ -63,8 +63,8 @@ fmt: setup ## Format and auto-fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-up: setup ## Start Kafka, Redis, one processor and one projection worker in the background
-	$(BIN)/stockflow stack up --processors 1 --projections 1
+up: setup ## Start Kafka, Redis, one processor, one projection worker and the HTTP API in the background
+	$(BIN)/stockflow stack up --processors 1 --projections 1 --api
 
 down: setup ## Stop everything `make up` or `make demo --keep-running` started
 	$(BIN)/stockflow stack down

@@ -59,10 +59,11 @@ def main() -> None:
 def stack_up(
     processors: Annotated[int, typer.Option(help="Processor workers to start in the background.")] = 0,
     projections: Annotated[int, typer.Option(help="Projection workers to start in the background.")] = 0,
+    api: Annotated[bool, typer.Option(help="Also serve the HTTP API in the background.")] = False,
 ) -> None:
-    """Start Kafka and Redis (and optionally workers), create the topics, and return.
+    """Start Kafka and Redis (and optionally workers and the HTTP API), create the topics, and return.
 
-    Example: `stockflow stack up --processors 1 --projections 1`
+    Example: `stockflow stack up --processors 1 --projections 1 --api`
     """
     from stockflow.stack import LocalStack
 
@@ -70,6 +71,8 @@ def stack_up(
     stack.up()
     stack.start_workers("processor", processors)
     stack.start_workers("projection", projections)
+    if api:
+        stack.start_api()
 
 
 @stack_app.command("down")

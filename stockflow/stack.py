@@ -403,6 +403,18 @@ class LocalStack:
             self.say(f"Started {len(pids)} {kind} worker(s): pids {', '.join(map(str, pids))}")
         return pids
 
+    def start_api(self) -> int | None:
+        """``stockflow api`` in the background, unless it runs already; its pid."""
+        process = ManagedProcess("api", self.settings.run_dir)
+        if process.running():
+            return None
+        pid = process.start([sys.executable, "-m", "stockflow", "api"], env=settings_env(self.settings))
+        self.say(
+            f"Started the HTTP API on http://{self.settings.api_host}:{self.settings.api_port}: pid {pid}"
+            f" (log: {process.log_file})"
+        )
+        return pid
+
     def worker_processes(self) -> list[ManagedProcess]:
         pid_dir = self.settings.run_dir / "pids"
         names = sorted(p.stem for p in pid_dir.glob("*.pid")) if pid_dir.exists() else []

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from stockflow.settings import Settings
-from stockflow.stack import settings_env
+from stockflow.stack import LocalStack, ManagedProcess, settings_env
 from tests.conftest import free_port
 from tests.pipeline import read_topic, wait_for
 
@@ -180,3 +180,18 @@ def test_publishing_while_the_workers_lag_gets_429_with_retry_after_and_sends_no
     assert int(headers["Retry-After"]) >= 1
     assert "overloaded" in answer["error"] and "STOCKFLOW_BACKPRESSURE_HIGH_WATER" in answer["error"]
     assert len(read_topic(settings, settings.commands_topic)) == before
+
+
+@pytest.mark.usefixtures("stack")
+def test_stack_up_api_serves_it_in_the_background_until_stack_down(settings: Settings) -> None:
+    local = LocalStack(settings.model_copy(update={"api_port": free_port()}), say=lambda _msg: None)
+    url = f"http://127.0.0.1:{local.settings.api_port}"
+    try:
+        pid = local.start_api()
+        assert pid is not None
+        assert local.start_api() is None  # one is running already
+        wait_for("the background API to answer", lambda: call(url, "GET", "/health")[0] == 200 or None, 30)
+        assert "api" in [row.name for row in local.status() if row.running]
+    finally:
+        ManagedProcess("api", settings.run_dir).stop()  # what `stack down` does for it
+    assert call(url, "GET", "/health")[0] == 0
