@@ -192,15 +192,19 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": str(exc), "command_ids": exc.command_ids}, status=503)
     except redis.RedisError as exc:
         return web.json_response({"error": f"Redis did not answer: {exc} (STOCKFLOW_REDIS_URL)"}, status=503)
-    except web.HTTPException as exc:  # no such route or method
+    except web.HTTPException as exc:  # aiohttp's own: no such route or method, a body too large
         if exc.status < 400:
             raise
-        routes = sorted(
-            f"{route.method} {route.resource.canonical}"
-            for route in request.app.router.routes()
-            if route.resource is not None and route.method != "HEAD"  # aiohttp adds HEAD to each GET
-        )
-        error = f"{exc.reason}: {request.method} {request.path}; the API serves {routes}"
+        error = f"{exc.reason}: {request.method} {request.path}"
+        if exc.text and exc.text != f"{exc.status}: {exc.reason}":
+            error += f" ({exc.text})"  # what aiohttp found, such as the body size limit
+        if exc.status in (404, 405):
+            routes = sorted(
+                f"{route.method} {route.resource.canonical}"
+                for route in request.app.router.routes()
+                if route.resource is not None and route.method != "HEAD"  # aiohttp adds HEAD to each GET
+            )
+            error += f"; the API serves {routes}"
         return web.json_response({"error": error}, status=exc.status)
 
 
