@@ -208,9 +208,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": error}, status=exc.status)
 
 
-def create_api(settings: Settings, publisher: Publisher | None = None) -> web.Application:
+def create_api(settings: Settings) -> web.Application:
     models = ReadModels(redis.Redis.from_url(settings.redis_url))
-    gateway = CommandGateway(publisher or Publisher(settings))
+    gateway = CommandGateway(Publisher(settings))
     optional = {"expected_version": int, "correlation_id": str, "command_id": str}
 
     async def accepted(commands: Sequence[Command], many: bool = False) -> web.Response:
