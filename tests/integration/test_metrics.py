@@ -43,7 +43,9 @@ def test_workers_count_decisions_projections_and_latency(
     urls = wait_for("both workers' metrics endpoints", by_kind, 60)
     processor, projection = urls["processor"], urls["projection"]
     before_decided = total(scrape(processor), "stockflow_commands_decided_total")
-    before_projected = total(scrape(projection), "stockflow_events_projected_total")
+    before_projection = scrape(projection)
+    before_projected = total(before_projection, "stockflow_events_projected_total")
+    before_visible = before_projection.get("stockflow_command_visible_seconds_count", 0)
 
     sku = unique("METRICS")
     publisher = Publisher(settings)
@@ -65,4 +67,6 @@ def test_workers_count_decisions_projections_and_latency(
         lambda: total(scrape(projection), "stockflow_events_projected_total") >= before_projected + 4,
         60,
     )
-    assert scrape(projection)["stockflow_command_visible_seconds_count"] >= 4
+    # One latency sample per event message: the four events may share one batch frame (they do
+    # when the processor starts after they were published).
+    assert scrape(projection)["stockflow_command_visible_seconds_count"] >= before_visible + 1
