@@ -7,6 +7,7 @@ from typing import Any
 import redis
 
 from projections.store import (
+    DECIDED_LATENCY_KEY,
     LATENCY_KEY,
     SKUS_KEY,
     STOCK_COUNTERS,
@@ -71,9 +72,11 @@ class ReadModels:
         totals["min_available"] = minimum or 0
         return totals
 
-    def latency_histogram(self) -> dict[int, int]:
-        """Command created -> visible here, in ms: bucket -> events (see views.latency_bucket)."""
-        raw: dict[bytes, bytes] = self._redis.hgetall(LATENCY_KEY)  # type: ignore[assignment]
+    def latency_histogram(self, until: str = "visible") -> dict[int, int]:
+        """Command created -> ``until`` ("visible" here, or "decided" by the processor), in ms:
+        bucket -> events (see views.latency_bucket)."""
+        key = {"visible": LATENCY_KEY, "decided": DECIDED_LATENCY_KEY}[until]
+        raw: dict[bytes, bytes] = self._redis.hgetall(key)  # type: ignore[assignment]
         return {int(bucket): int(count) for bucket, count in raw.items()}
 
     def watermarks(self) -> dict[int, int]:

@@ -10,6 +10,9 @@ Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
   sf:watermarks       hash  events-topic partition -> last offset applied
   sf:latency_ms       hash  latency bucket (ms) -> events made visible that long after their
                             command was created (``projections.views.latency_bucket``)
+  sf:latency_ms:decided  hash  the same for the decision, as each event records it: command
+                            created -> decided; the rest of sf:latency_ms is the event log and
+                            the projection
 
 Every write is guarded by the SKU's event version (or the partition offset), checked inside a
 Lua script on a single key slot, or is an order line's first document of a status (HSETNX, no
@@ -111,6 +114,7 @@ TOP_KEY = f"{PREFIX}:top"
 SKUS_KEY = f"{PREFIX}:skus"
 WATERMARKS_KEY = f"{PREFIX}:watermarks"
 LATENCY_KEY = f"{PREFIX}:latency_ms"
+DECIDED_LATENCY_KEY = f"{PREFIX}:latency_ms:decided"
 
 
 @dataclass
@@ -169,8 +173,14 @@ class ReadModelStore:
         self._send(commands)
         return outcome
 
-    def record_latencies(self, counts: dict[int, int]) -> None:
-        self._send([("HINCRBY", LATENCY_KEY, bucket, count) for bucket, count in counts.items()])
+    def record_latencies(self, visible: dict[int, int], decided: dict[int, int]) -> None:
+        self._send(
+            [
+                ("HINCRBY", key, bucket, count)
+                for key, counts in ((LATENCY_KEY, visible), (DECIDED_LATENCY_KEY, decided))
+                for bucket, count in counts.items()
+            ]
+        )
 
     def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one write and read their replies, in order.

@@ -137,8 +137,8 @@ class ProjectionWorker:
         stays in the group, as it does while Redis is slow (poll_once); a Redis that comes back
         empty is rebuilt from the log."""
         outcome = self._once_reachable("writing the batch", lambda: self._store.apply(plan))
-        counts = self._latencies(batch)
-        self._once_reachable("recording latencies", lambda: self._store.record_latencies(counts))
+        visible, decided = self._latencies(batch)
+        self._once_reachable("recording latencies", lambda: self._store.record_latencies(visible, decided))
         return outcome
 
     def _once_reachable(self, what: str, attempt: Callable[[], T]) -> T:
@@ -219,22 +219,24 @@ class ProjectionWorker:
             assert partition is not None and offset is not None
             self._consumer.seek(TopicPartition(self._settings.events_topic, partition, offset))
 
-    def _latencies(self, batch: list[tuple[int, int, Event | None]]) -> Counter[int]:
-        """Every event's latency, by histogram bucket, for Redis's histogram (the bench reads
-        it); one per message goes into the Prometheus one, whose lock per observation cost the
-        worker 7% of its time."""
+    def _latencies(self, batch: list[tuple[int, int, Event | None]]) -> tuple[Counter[int], Counter[int]]:
+        """Every event's latency, created -> visible and created -> decided, by histogram bucket,
+        for Redis's histograms (the bench reads them); one per message goes into the Prometheus
+        one, whose lock per observation cost the worker 7% of its time."""
         visible_ms = int(time.time() * 1000)
-        counts: Counter[int] = Counter()
+        visible: Counter[int] = Counter()
+        decided: Counter[int] = Counter()  # created -> decided, from the event's own timestamps
         last_message = None
         for partition, offset, event in batch:
             if event is None:
                 continue
             ms = visible_ms - event.command_occurred_at
-            counts[latency_bucket(ms)] += 1
+            visible[latency_bucket(ms)] += 1
+            decided[latency_bucket(event.occurred_at - event.command_occurred_at)] += 1
             if (partition, offset) != last_message:
                 metrics.VISIBLE_LATENCY.observe(ms / 1000)
                 last_message = (partition, offset)
-        return counts
+        return visible, decided
 
     def _lost_watermarks(self) -> set[int]:
         """Partitions this worker wrote whose watermark Redis no longer has (it lost its data).

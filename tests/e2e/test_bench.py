@@ -59,5 +59,9 @@ def test_bench_writes_every_figure_for_the_workload(tmp_path: Path) -> None:
     for key in REQUIRED:
         assert hot[key] > 0, key
     assert set(hot["latency_ms_at_half_load"]) == {"p50", "p99", "p999"}
+    # Each event is decided before it is visible, so the decided percentiles are never higher.
+    for point in hot["latency"]:
+        assert 0 <= point["decided_p50"] <= point["p50"], point
+        assert point["decided_p99"] <= point["p99"], point
     assert "end to end / pgbench" in (out / "REPORT.md").read_text()
     assert all((out / name).stat().st_size > 0 for name in ("throughput.png", "latency.png", "lag.png"))

@@ -14,7 +14,17 @@ def workload(e2e: float, pgbench: float) -> dict[str, Any]:
         "ingest_commands_per_s": 40_000.0,
         "backlog_commands_per_s": 5_000.0,
         "e2e_commands_per_s": e2e,
-        "latency": [{"fraction": 0.5, "offered_per_s": e2e / 2, "p50": 20, "p99": 70, "p999": 90}],
+        "latency": [
+            {
+                "fraction": 0.5,
+                "offered_per_s": e2e / 2,
+                "p50": 20,
+                "p99": 70,
+                "p999": 90,
+                "decided_p50": 12,
+                "decided_p99": 40,
+            }
+        ],
         "latency_ms_at_half_load": {"p50": 20, "p99": 70, "p999": 90},
         "replay_events_per_s": 30_000.0,
         "crud_pgbench_tps": pgbench,
@@ -32,5 +42,5 @@ def test_the_report_states_each_ratio_and_both_sides_durability() -> None:
     report = report_markdown(results)
     assert "| **end to end / pgbench** | **1.50x** | 5x |" in report
     assert "| end to end / Python service | 2.00x | |" in report
-    assert "| 50% | 3,000 | 20 | 70 | 90 |" in report
+    assert "| 50% | 3,000 | 20 | 70 | 90 | 12 / 40 |" in report
     assert "- Pipeline: acks=all." in report and "- CRUD: fsync=on." in report
