@@ -159,6 +159,17 @@ class Publisher:
     def poll(self, timeout_s: float = 0.0) -> None:
         self._producer.poll(timeout_s)
 
+    def check_broker(self, timeout_s: float = 2.0) -> None:
+        """Raise PublishError unless Kafka answers about the commands topic within ``timeout_s``."""
+        topic = self._settings.commands_topic
+        try:
+            self._producer.list_topics(topic, timeout=timeout_s)
+        except KafkaException as exc:
+            raise PublishError(
+                f"Kafka at {self._settings.bootstrap_servers} did not answer about {topic} within"
+                f" {timeout_s}s ({exc}): is the broker up (STOCKFLOW_BOOTSTRAP_SERVERS)?"
+            ) from exc
+
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for outstanding deliveries; returns how many are still unacknowledged."""
         try:

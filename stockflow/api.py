@@ -15,7 +15,7 @@
   GET /orders/{order_id}           status of each line, 404 until one is projected; with
                                    ?wait_ms=N waits up to N ms for it (read your own order)
   GET /top?n=10                    top sellers by units sold
-  GET /health                      200 once Redis answers
+  GET /health                      200 when Redis and Kafka answer, else 503 saying which
 
 A command is accepted once Kafka holds it and decided by the processor shortly after: a 202 is
 not a decision. The decision shows in the read models, which is what ``wait_ms`` waits for.
@@ -124,6 +124,9 @@ class CommandGateway:
             [command.command_id for command in commands],
         )
 
+    def check_broker(self) -> None:
+        self._publisher.check_broker()
+
     def close(self) -> None:
         self._sender.shutdown(wait=True)
         self._stopping.set()
@@ -172,6 +175,22 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     if not low <= value <= high:
         raise BadRequest(f"?{name}={value} is out of range: {low} to {high}")
     return value
+
+
+async def read(query: Callable[..., Any], *args: Any) -> Any:
+    """``query(*args)`` in a thread: redis-py and the Kafka clients block."""
+    return await asyncio.get_running_loop().run_in_executor(None, query, *args)
+
+
+async def _unavailable(checks: dict[str, Callable[[], Any]]) -> dict[str, str]:
+    """What each failing check said, by name."""
+    problems = {}
+    for name, check in checks.items():
+        try:
+            await read(check)
+        except (redis.RedisError, PublishError) as exc:
+            problems[name] = str(exc)
+    return problems
 
 
 @web.middleware
@@ -255,9 +274,6 @@ def create_api(settings: Settings) -> web.Application:
         body = _body(await _json(request), {"qty": int}, optional)
         return await accepted([restock(request.match_info["sku"], **body)])
 
-    async def read(query: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, query, *args)  # redis-py blocks
-
     async def get_stock(request: web.Request) -> web.Response:
         sku = request.match_info["sku"]
         row = await read(models.stock, sku)
@@ -284,7 +300,10 @@ def create_api(settings: Settings) -> web.Application:
         )
 
     async def health(_request: web.Request) -> web.Response:
-        await read(models.watermarks)  # raises (503) if Redis does not answer
+        """200 when both answer: Redis (the reads) and Kafka (the writes); else 503 with which."""
+        problems = await _unavailable({"redis": models.watermarks, "kafka": gateway.check_broker})
+        if problems:
+            return web.json_response({"status": "unavailable", **problems}, status=503)
         return web.json_response({"status": "ok"})
 
     async def close_gateway(_app: web.Application) -> None:

@@ -35,7 +35,7 @@ def api_server(settings: Settings, log: Path, **env: str) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"the API to answer (log: {log})", lambda: call(url, "GET", "/health")[0] == 200 or None, 30)
+        wait_for(f"the API to answer (log: {log})", lambda: call(url, "GET", "/health")[0] != 0 or None, 30)
         yield url
     finally:
         process.terminate()
@@ -150,6 +150,18 @@ def test_a_bad_request_gets_400_saying_what_is_wrong_and_sends_nothing(
     assert status == 400
     assert message in answer["error"]
     assert len(read_topic(settings, settings.commands_topic)) == before
+
+
+def test_health_is_ok_while_kafka_and_redis_answer_and_names_the_one_that_does_not(
+    api: str, settings: Settings, tmp_path: Path
+) -> None:
+    assert call(api, "GET", "/health")[:2] == (200, {"status": "ok"})
+    nowhere = {"STOCKFLOW_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}  # nothing listens there
+    with api_server(settings, tmp_path / "api.log", **nowhere) as url:
+        status, answer, _ = call(url, "GET", "/health")
+    assert status == 503
+    assert answer["status"] == "unavailable" and "redis" not in answer
+    assert "did not answer about" in answer["kafka"] and "STOCKFLOW_BOOTSTRAP_SERVERS" in answer["kafka"]
 
 
 def test_an_unknown_route_is_answered_in_json_with_the_routes(api: str) -> None:
