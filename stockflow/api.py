@@ -38,7 +38,7 @@ from producers.commands import cancel_order, place_order, restock
 from producers.publisher import Publisher, PublishError, Receipt
 from projections.queries import ReadModels
 from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
-from stockflow.errors import InvalidCommand
+from stockflow.errors import InvalidCommand, StockflowError
 from stockflow.lag import Overloaded
 from stockflow.settings import Settings
 
@@ -55,12 +55,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_TYPES = {int: "a whole number", str: "a string"}
 
 
-class BadRequest(Exception):
+class BadRequest(StockflowError):
     """A request body or parameter the API cannot use; the message says which and why."""
 
 
-class Unacknowledged(Exception):
-    """Kafka did not acknowledge every command of a request: some may still be written."""
+class Unacknowledged(PublishError):
+    """Kafka did not acknowledge every command of a request: some may still be written, so the
+    client gets their ids to send them again."""
 
     def __init__(self, message: str, command_ids: list[str]) -> None:
         super().__init__(message)
