@@ -100,12 +100,13 @@ class ProjectionWorker:
         STOCKFLOW_PROJECTION_PAUSE_AFTER_S the worker pauses its partitions and keeps polling:
         it stays in the group, fetches nothing, and the batch it holds waits for Redis.
         """
-        if not self._next and not self._paused:
-            self._next = self._take_batch(0.0 if self._writing else timeout_s)
+        if self._writing is not None and not self._paused:
+            self._read_ahead(0.0)
         if not self._finish_write(wait=False):
             self._hold_back(timeout_s)
             return 0
         self._rebuild(self._lost_watermarks())
+        self._read_ahead(0.0 if self._next else timeout_s)  # what came while the write finished
         batch, self._next = self._next, []
         if not batch:
             return 0
@@ -116,16 +117,15 @@ class ProjectionWorker:
         self._writing_since = time.monotonic()
         return len(batch)
 
-    def _take_batch(self, timeout_s: float) -> list[tuple[int, int, Event | None]]:
-        """Up to STOCKFLOW_PROJECTION_BATCH_SIZE events, as (partition, offset, event).
+    def _read_ahead(self, timeout_s: float) -> None:
+        """Add to the next batch up to STOCKFLOW_PROJECTION_BATCH_SIZE events.
 
         consume(n, timeout) waits for a full batch; wait only for the first event, then take
         what has already been fetched, so a trickle of events is not held back. A message may
         be a frame of many events: take messages in small steps until the batch is full.
         """
-        size = self._settings.projection_batch_size
-        batch: list[tuple[int, int, Event | None]] = []
-        messages = self._consumer.consume(1, timeout_s)
+        room = self._settings.projection_batch_size - len(self._next)
+        messages = self._consumer.consume(1, timeout_s) if room > 0 else []
         while messages:
             for message in messages:
                 error = message.error()
@@ -137,11 +137,11 @@ class ProjectionWorker:
                 partition, offset = message.partition(), message.offset()
                 assert partition is not None and offset is not None
                 # An EventBatch frame holds many events at one offset; None marks a dead letter.
-                batch.extend((partition, offset, event) for event in self._decode(message))
-            if len(batch) >= size:
+                self._next.extend((partition, offset, event) for event in self._decode(message))
+            room = self._settings.projection_batch_size - len(self._next)
+            if room <= 0:
                 break
-            messages = self._consumer.consume(min(size - len(batch), CONSUME_STEP), 0)
-        return batch
+            messages = self._consumer.consume(min(room, CONSUME_STEP), 0)
 
     def _write(self, plan: WritePlan, batch: list[tuple[int, int, Event | None]]) -> Applied:
         """Write ``plan``, then the latencies of ``batch``'s events, now visible; in the writer
