@@ -240,11 +240,10 @@ class ProjectionWorker:
         few hundred values at most, and a bucket per event was 5% of a replay's time.
         """
         visible_ms = int(time.time() * 1000)
-        first_of_message: dict[tuple[int, int], Event] = {}
-        for partition, offset, event in batch:
-            if event is not None:
-                first_of_message.setdefault((partition, offset), event)
-        for event in first_of_message.values():
+        last_of_message = {
+            (partition, offset): event for partition, offset, event in batch if event is not None
+        }
+        for event in last_of_message.values():
             metrics.VISIBLE_LATENCY.observe((visible_ms - event.command_occurred_at) / 1000)
         events = [event for _, _, event in batch if event is not None]
         visible = Counter(visible_ms - event.command_occurred_at for event in events)
