@@ -5,7 +5,8 @@ Per workload (uniform SKUs, and hot SKUs: 80% of orders on 10 of them), on a pri
 2. ingest: commands published and acknowledged (acks=all) with the workers stopped;
 3. backlog: the workers start and decide that backlog; its drain rate;
 4. end to end: the same number of commands again, published at full speed with the workers
-   running, until every decision is visible in Redis; lag is sampled throughout;
+   running, until every decision is visible in Redis; lag is sampled throughout, and the CPU
+   time each part of the pipeline spends per command is taken from /proc;
 5. latency: the load offered at fractions of the end-to-end rate, and the projection's
    command-created -> visible-in-Redis histogram;
 6. replay: a fresh projection group folds the whole event log into an empty Redis database;
@@ -303,13 +304,39 @@ def latency_run(
     return point
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far, from Linux's /proc/<pid>/stat."""
+    # utime and stime are the 12th and 13th fields after the ")" that ends the command name.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_part(stack: LocalStack) -> dict[str, float]:
+    """CPU seconds used so far by each part of the pipeline: the workers of each kind, the
+    broker, Redis, and this process, which publishes the load."""
+    used = {"publisher": time.process_time()}
+    for process in [*stack.worker_processes(), stack.kafka, stack.redis]:
+        pid = process.pid()
+        if pid is not None:
+            part = "broker" if process.name == "kafka" else process.name.split("-")[0]
+            used[part] = used.get(part, 0.0) + cpu_seconds(pid)
+    return used
+
+
 def end_to_end(
-    publisher: Publisher, workload: Workload, counts: Counts, orders: int, backlog: int, say: Say
-) -> tuple[float, list[dict[str, Any]]]:
+    publisher: Publisher,
+    workload: Workload,
+    stack: LocalStack,
+    counts: Counts,
+    orders: int,
+    backlog: int,
+    say: Say,
+) -> tuple[float, dict[str, float], list[dict[str, Any]]]:
     """Publish ``orders`` at full speed onto a drained pipeline; commands/s until all are visible,
-    and the lag samples taken meanwhile."""
+    the CPU time each part spent per command (us), and the lag samples taken meanwhile."""
     counts.published = backlog
     sampler = Sampler(counts).start()
+    cpu_before = cpu_by_part(stack)
     started = time.monotonic()
 
     def published(sent: int) -> None:
@@ -318,8 +345,13 @@ def end_to_end(
     publish_orders(publisher, workload, orders, 0, seed=2, on_progress=published)
     visible_at = wait_visible(counts, backlog + orders, "end to end", say)
     rate = orders / (visible_at - started)
+    cpu = {
+        part: (seconds - cpu_before.get(part, 0.0)) / orders * 1e6
+        for part, seconds in cpu_by_part(stack).items()
+    }
     say(f"  end to end: {rate:,.0f} commands/s decided and visible in Redis")
-    return rate, [dataclasses.asdict(s) for s in sampler.stop()]
+    say("  CPU per command, us: " + ", ".join(f"{part} {us:.1f}" for part, us in cpu.items()))
+    return rate, cpu, [dataclasses.asdict(s) for s in sampler.stop()]
 
 
 def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Say) -> dict[str, Any]:
@@ -351,8 +383,8 @@ def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Sa
         result["backlog_commands_per_s"] = drain
         say(f"  backlog of {backlog:,} drained at {drain:,.0f} commands/s (from the first visible event)")
 
-        result["e2e_commands_per_s"], result["e2e_lag"] = end_to_end(
-            publisher, workload, counts, options.orders, backlog, say
+        result["e2e_commands_per_s"], result["e2e_cpu_us_per_command"], result["e2e_lag"] = end_to_end(
+            publisher, workload, workers, counts, options.orders, backlog, say
         )
 
         total = backlog + options.orders
@@ -461,6 +493,8 @@ def report_markdown(results: dict[str, Any]) -> str:
     ]
     for name, w in results["workloads"].items():
         half = w["latency_ms_at_half_load"]
+        cpu = w["e2e_cpu_us_per_command"]
+        cpu_figures = " / ".join(f"{us:.1f}" for us in cpu.values()) + f" (total {sum(cpu.values()):.1f})"
         lines += [
             f"## Workload: {name} ({w['workload']['skus']} SKUs, hot SKUs: {w['workload']['hot_skus']})",
             "",
@@ -471,6 +505,7 @@ def report_markdown(results: dict[str, Any]) -> str:
             f"| backlog drain, commands/s | {w['backlog_commands_per_s']:,.0f} | |",
             f"| end to end (decided and visible in Redis), commands/s | {w['e2e_commands_per_s']:,.0f}"
             f" | {TARGETS['e2e_commands_per_s']:,} |",
+            f"| end to end, CPU per command, us: {' / '.join(cpu)} | {cpu_figures} | |",
             f"| latency at half load p50 / p99 / p99.9, ms | {half['p50']} / {half['p99']} / {half['p999']}"
             " | p99 <= 50 |",
             f"| replay into an empty read model, events/s | {w['replay_events_per_s']:,.0f}"

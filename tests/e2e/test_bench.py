@@ -59,6 +59,10 @@ def test_bench_writes_every_figure_for_the_workload(tmp_path: Path) -> None:
     for key in REQUIRED:
         assert hot[key] > 0, key
     assert set(hot["latency_ms_at_half_load"]) == {"p50", "p99", "p999"}
+    # CPU per command of every part, from /proc; Redis and the broker may use less than a tick.
+    cpu = hot["e2e_cpu_us_per_command"]
+    assert set(cpu) == {"processor", "projection", "broker", "redis", "publisher"}, cpu
+    assert cpu["processor"] > 0 and cpu["projection"] > 0 and cpu["publisher"] > 0, cpu
     # Each event is decided before it is visible, so the decided percentiles are never higher.
     for point in hot["latency"]:
         assert 0 <= point["decided_p50"] <= point["p50"], point

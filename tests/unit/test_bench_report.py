@@ -14,6 +14,7 @@ def workload(e2e: float, pgbench: float) -> dict[str, Any]:
         "ingest_commands_per_s": 40_000.0,
         "backlog_commands_per_s": 5_000.0,
         "e2e_commands_per_s": e2e,
+        "e2e_cpu_us_per_command": {"processor": 20.0, "projection": 10.5, "publisher": 12.0},
         "latency": [
             {
                 "fraction": 0.5,
@@ -43,4 +44,8 @@ def test_the_report_states_each_ratio_and_both_sides_durability() -> None:
     assert "| **end to end / pgbench** | **1.50x** | 5x |" in report
     assert "| end to end / Python service | 2.00x | |" in report
     assert "| 50% | 3,000 | 20 | 70 | 90 | 12 / 40 |" in report
+    assert (
+        "| end to end, CPU per command, us: processor / projection / publisher"
+        " | 20.0 / 10.5 / 12.0 (total 42.5) | |" in report
+    )
     assert "- Pipeline: acks=all." in report and "- CRUD: fsync=on." in report
