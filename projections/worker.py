@@ -89,7 +89,11 @@ class ProjectionWorker:
             self._finish_write(wait=True)
         finally:
             self._consumer.close()  # leave the group now, so the others take over at once
-            self._dead_letters.flush(10)
+            if self._dead_letters.flush(10) == 0:
+                # Its connections end now, not when the worker is collected: a worker run in
+                # a process that goes on (the bench's replay) kept reconnecting to a broker
+                # that was gone. With dead letters still unsent, close() would wait for them.
+                self._dead_letters.close()
             self._writer.shutdown(wait=False)
 
     def poll_once(self, timeout_s: float) -> int:
