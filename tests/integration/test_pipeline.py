@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +17,7 @@ from schemas.records import Command, OrderProcessed, OrderRejected, PlaceOrder, 
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
+from stockflow.topics import PROCESSOR_TABLES, changelog_topic
 from tests.pipeline import events_for, read_events, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
@@ -182,3 +184,42 @@ def test_a_batch_frame_is_decided_command_by_command_and_parks_only_its_bad_ones
     wait_for("the frame's two bad commands in the DLQ", lambda: len(parked()) == 2)
     assert parked() == {b"InvalidCommand": b"2", b"WrongPartition": b"3"}
     assert stray_sku not in {e.sku for e in read_events(settings)}
+
+
+def test_the_state_changelog_never_records_a_partition_handled_before_its_sku_rows(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    # A crash keeps a prefix of a changelog partition, so the partition's handled offset must
+    # come after the SKU rows of its commands. 400 rows of about 70 bytes are more than one
+    # 16 KB Kafka record batch holds: the processor's save goes out as several, in order.
+    candidates = (unique(f"R{i}") for i in range(100_000))
+    partition = 0
+    skus = [s for s in candidates if partition_for(s.encode(), settings.partitions) == partition][:400]
+    offsets: list[int | None] = []
+    raw = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    frame = codec.encode_batch([restock(s, 5) for s in skus])
+    raw.produce(
+        settings.commands_topic,
+        frame,
+        partition=partition,
+        on_delivery=lambda _e, m: offsets.append(m.offset()),
+    )
+    assert raw.flush(10) == 0
+    frame_offset = offsets[0]
+    assert frame_offset is not None
+
+    topic = changelog_topic(settings, PROCESSOR_TABLES[0])
+    handled_key = f'"p:{partition}"'.encode()
+
+    def handled(record: tuple[bytes, bytes]) -> bool:
+        return record[0] == handled_key and int(record[1]) >= frame_offset
+
+    def changelog() -> list[tuple[bytes, bytes]] | None:
+        records = [(r.key or b"", r.value) for r in read_topic(settings, topic) if r.partition == partition]
+        return records if any(handled(record) for record in records) else None
+
+    records = wait_for("the frame handled in the changelog", changelog, 60)
+    before = records[: next(i for i, record in enumerate(records) if handled(record))]
+    rows = {key: json.loads(value) for key, value in before if key.startswith(b'"s:')}
+    missing = [s for s in skus if rows.get(json.dumps(f"s:{s}").encode(), {}).get("offset") != frame_offset]
+    assert missing == [], f"{len(missing)} SKU rows after the partition's handled offset"
