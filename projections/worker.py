@@ -268,12 +268,19 @@ class ProjectionWorker:
             return set()  # asked again at the next poll; the next write waits for Redis (_write)
         return {p for p, offset in self._applied.items() if held.get(p, -1) < offset}
 
+    def _forget(self, partitions: set[int]) -> None:
+        """Drop what this worker holds of ``partitions``: their events read ahead, which must
+        not be written past a loss or over a new owner, and the offsets it applied."""
+        if not partitions:
+            return
+        self._next = [entry for entry in self._next if entry[0] not in partitions]
+        for partition in partitions:
+            self._applied.pop(partition, None)
+
     def _rebuild(self, partitions: set[int]) -> None:
-        if partitions:  # the batch read ahead holds these partitions' events past the loss
-            self._next = [entry for entry in self._next if entry[0] not in partitions]
+        self._forget(partitions)
         for partition in partitions:
             log.warning("Redis lost data of events partition %s: replaying it from the start", partition)
-            self._applied.pop(partition, None)
             self._consumer.seek(TopicPartition(self._settings.events_topic, partition, OFFSET_BEGINNING))
 
     def _decode(self, message: Message) -> list[Event] | list[None]:
@@ -331,10 +338,7 @@ class ProjectionWorker:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The next owner resumes from the watermarks in Redis: finish the batch in flight first.
         self._finish_write(wait=True)
-        revoked = {tp.partition for tp in partitions}
-        self._next = [entry for entry in self._next if entry[0] not in revoked]  # theirs now
-        for partition in revoked:
-            self._applied.pop(partition, None)
+        self._forget({tp.partition for tp in partitions})
 
 
 def _bucketed(latencies: Counter[int]) -> Counter[int]:
