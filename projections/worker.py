@@ -44,8 +44,12 @@ MAX_RETRY_WAIT_S = 5.0
 
 
 class ProjectionWorker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, rebuilding: bool = False) -> None:
+        """``rebuilding``: a share of a rebuild (``projections.rebuild``), not a live worker.
+        It leaves dead letters to the live workers, which parked them already, records no
+        latencies (its events were created long ago) and commits no offsets."""
         self._settings = settings
+        self._rebuilding = rebuilding
         client = redis.Redis.from_url(settings.redis_url)
         self._store = ReadModelStore(client, settings.recent_orders_per_sku)
         self._models = ReadModels(client)
@@ -88,13 +92,36 @@ class ProjectionWorker:
             self._stopping.set()  # one more attempt at the batch in flight, not a wait for Redis
             self._finish_write(wait=True)
         finally:
-            self._consumer.close()  # leave the group now, so the others take over at once
-            if self._dead_letters.flush(10) == 0:
-                # Its connections end now, not when the worker is collected: a worker run in
-                # a process that goes on (the bench's replay) kept reconnecting to a broker
-                # that was gone. With dead letters still unsent, close() would wait for them.
-                self._dead_letters.close()
-            self._writer.shutdown(wait=False)
+            self._close()
+
+    def fold(self, ends: dict[int, int], on_progress: Callable[[int], None]) -> None:
+        """Fold each partition in ``ends`` from the start of the log up to its end offset.
+
+        The partitions are assigned, not balanced by the group: a rebuild's workers each take
+        their share at once, with no rebalance. ``on_progress`` gets the offsets covered so far.
+        """
+        topic = self._settings.events_topic
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        gc.freeze()  # as in run()
+        try:
+            while True:
+                covered = sum(min(self._applied.get(p, -1) + 1, end) for p, end in ends.items())
+                on_progress(covered)
+                if covered == sum(ends.values()):
+                    break
+                self.poll_once(timeout_s=0.5)
+            self._finish_write(wait=True)  # read ahead past the end offsets: harmless, finished
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self._consumer.close()  # leave the group now, so the others take over at once
+        if self._dead_letters.flush(10) == 0:
+            # Its connections end now, not when the worker is collected: a worker run in a
+            # process that goes on (the bench) kept reconnecting to a broker that was gone.
+            # With dead letters still unsent, close() would wait for them.
+            self._dead_letters.close()
+        self._writer.shutdown(wait=False)
 
     def poll_once(self, timeout_s: float) -> int:
         """Read the next batch while the last one is written to Redis, then write it.
@@ -153,6 +180,8 @@ class ProjectionWorker:
         stays in the group, as it does while Redis is slow (poll_once); a Redis that comes back
         empty is rebuilt from the log."""
         outcome = self._once_reachable("writing the batch", lambda: self._store.apply(plan))
+        if self._rebuilding:
+            return outcome
         visible, decided = self._latencies(batch)
         self._once_reachable("recording latencies", lambda: self._store.record_latencies(visible, decided))
         return outcome
@@ -209,7 +238,7 @@ class ProjectionWorker:
             _low, high = self._consumer.get_watermark_offsets(tp, cached=True)  # from the last fetch
             lag = max(high - offset - 1, 0)
             metrics.CONSUMER_LAG.labels(self._settings.projection_group, partition).set(lag)
-        if done:
+        if done and not self._rebuilding:
             self._consumer.commit(
                 offsets=[TopicPartition(self._settings.events_topic, p, o + 1) for p, o in done.items()],
                 asynchronous=True,
@@ -288,6 +317,11 @@ class ProjectionWorker:
         try:
             return codec.decode_events(value)
         except DecodeError as exc:
+            if self._rebuilding:
+                log.warning(
+                    "skipped %s[%s]@%s: %s", message.topic(), message.partition(), message.offset(), exc
+                )
+                return [None]
             # Garbage in the event log must not stop the read models: park it and go on.
             log.error(
                 "dead letter at %s[%s]@%s: %s", message.topic(), message.partition(), message.offset(), exc

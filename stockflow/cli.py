@@ -367,6 +367,9 @@ def bench(
     workload: Annotated[list[str] | None, typer.Option(help="uniform and/or hot (default: both).")] = None,
     processors: Annotated[int, typer.Option(help="Processor workers.")] = 1,
     projections: Annotated[int, typer.Option(help="Projection workers.")] = 1,
+    replay_workers: Annotated[
+        int, typer.Option(help="Processes folding the log in the replay (`stockflow rebuild --workers`).")
+    ] = os.cpu_count() or 1,
 ) -> None:
     """Measure the pipeline against raw Kafka and PostgreSQL CRUD on this machine, in one run.
 
@@ -388,6 +391,7 @@ def bench(
         workloads=chosen,
         processors=processors,
         projections=projections,
+        replay_workers=replay_workers,
     )
     # Stopped with SIGTERM (a timeout, a CI runner), still stop the services it started.
     signal.signal(signal.SIGTERM, lambda _signo, _frame: sys.exit(143))
@@ -489,6 +493,84 @@ def verify_command(
             console.print(f"[red]{line}[/red]")
     if report.problems:
         raise typer.Exit(1)
+
+
+# -- rebuild -------------------------------------------------------------------------------
+@app.command("rebuild")
+def rebuild_command(
+    database: Annotated[
+        int, typer.Option(help="Redis database to rebuild into; emptied first, never the live one.")
+    ] = 1,
+    workers: Annotated[
+        int, typer.Option(help="Processes folding the log, each a share of the partitions.")
+    ] = os.cpu_count() or 1,
+    check: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Compare the result with a fold of the log.")
+    ] = True,
+    switch: Annotated[
+        bool,
+        typer.Option(
+            "--switch",
+            help="Then make it the live read models (SWAPDB); the projection workers must be stopped.",
+        ),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fold the whole event log into an empty Redis database; readers keep the live one.
+
+    With --switch the rebuilt database becomes the live one and the old read models move to
+    --database, in one atomic SWAPDB; projection workers started afterwards go on from the
+    rebuilt watermarks. Exits 1, switching nothing, if the check finds a difference.
+
+    Example: `stockflow rebuild --database 1 --workers 2 --switch`
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from projections.rebuild import database_url, ensure_no_projection_workers, live_database, rebuild
+    from projections.rebuild import switch as switch_databases
+    from stockflow.verify import verify_read_models
+
+    settings = Settings()
+    if switch:
+        ensure_no_projection_workers(settings)  # before the work, not only after it
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[events]:,} events"))
+    with Progress(*columns, TimeElapsedColumn(), console=errors, transient=as_json) as progress:
+        task = progress.add_task(f"rebuilding into database {database}", total=None, events=0)
+
+        def show(covered: int, total: int, events: int) -> None:
+            progress.update(task, completed=covered, total=total, events=events)
+
+        result = rebuild(settings, database, workers, show)
+    summary: dict[str, Any] = {
+        "database": result.database,
+        "events": result.events,
+        "workers": result.workers,
+        "seconds": round(result.elapsed_s, 2),
+        "events_per_s": round(result.events_per_s),
+    }
+    problems: list[str] = []
+    if check:
+        report = verify_read_models(
+            settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
+        )
+        problems = report.read_model_mismatches
+        summary["verified_skus"] = report.skus
+        summary["mismatches"] = len(problems)
+    if switch and not problems:
+        switch_databases(settings, database)
+        summary["live_database"] = live_database(settings.redis_url)
+        summary["switched"] = True
+    _emit(summary, as_json, "rebuild")
+    for line in problems[:50]:
+        errors.print(f"[red]{line}[/red]")
+    if problems:
+        raise typer.Exit(1)
+    if switch and not as_json:
+        live = summary["live_database"]
+        console.print(
+            f"the rebuilt read models are live; the previous ones are in database {database}"
+            f" (to go back: redis-cli -n {live} SWAPDB {live} {database})"
+        )
 
 
 # -- dead letters --------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def workload(e2e: float, pgbench: float) -> dict[str, Any]:
 def test_the_report_states_each_ratio_and_both_sides_durability() -> None:
     results = {
         "machine": {"cpus": 2, "python": "3.11", "kafka": "4.1.1"},
-        "settings": {"partitions": 12},
+        "settings": {"partitions": 12, "replay_workers": 2},
         "durability": {"pipeline": "acks=all", "crud": "fsync=on"},
         "workloads": {"hot": workload(e2e=6_000.0, pgbench=4_000.0)},
     }
@@ -48,4 +48,5 @@ def test_the_report_states_each_ratio_and_both_sides_durability() -> None:
         "| end to end, CPU per command, us: processor / projection / publisher"
         " | 20.0 / 10.5 / 12.0 (total 42.5) | |" in report
     )
+    assert "| replay into an empty read model (2 processes), events/s | 30,000 | 200,000 |" in report
     assert "- Pipeline: acks=all." in report and "- CRUD: fsync=on." in report

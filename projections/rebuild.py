@@ -1,0 +1,198 @@
+"""Rebuild the read models: fold the whole event log into an empty Redis database, then,
+if asked, make it the live one.
+
+The read models are a fold of the event log, so they can always be made again: for a new
+projection, or for damage the watermarks cannot see. Readers keep the live database meanwhile.
+The log is split by partition among worker processes (the fold is CPU-bound Python, one
+process per core), each a ``ProjectionWorker`` folding its share up to the end offsets the
+log had when the rebuild began; the share is assigned, not balanced by a consumer group, so
+no worker waits for a rebalance.
+
+The switch swaps the two databases (``SWAPDB``, atomic for every client), and only while no
+projection worker is in its group: a live worker writing across the swap could put a
+partition's watermark in the new database past events it wrote to the old one. Workers
+started after the switch go on from the rebuilt database's watermarks. ``SWAPDB`` needs a
+single Redis server (a Redis Cluster has only database 0).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from projections.worker import ProjectionWorker
+from stockflow.errors import StockflowError
+from stockflow.settings import Settings
+
+# How often each worker process reports the offsets it has covered.
+PROGRESS_EVERY_S = 0.25
+
+
+class RebuildError(StockflowError):
+    """The rebuild could not be done, or not switched to; the live read models are untouched."""
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    database: int
+    events: int  # events folded (every event, in an empty database)
+    offsets: int  # event-log messages covered, all partitions
+    workers: int
+    elapsed_s: float
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.elapsed_s if self.elapsed_s else 0.0
+
+
+def database_url(redis_url: str, database: int) -> str:
+    """``redis_url`` with its database number replaced."""
+    base, _, _ = redis_url.rpartition("/")
+    return f"{base}/{database}"
+
+
+def live_database(redis_url: str) -> int:
+    return int(redis.Redis.from_url(redis_url).connection_pool.connection_kwargs.get("db", 0))
+
+
+def rebuild(
+    settings: Settings,
+    database: int,
+    workers: int,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> Rebuilt:
+    """Empty ``database`` and fold the event log into it with ``workers`` processes.
+
+    ``on_progress(offsets covered, offsets in all, events folded)`` runs as the workers report.
+    """
+    live = live_database(settings.redis_url)
+    if database == live:
+        raise RebuildError(
+            f"database {database} holds the live read models (STOCKFLOW_REDIS_URL): rebuild into"
+            " another one, e.g. --database 14"
+        )
+    target = settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
+    redis.Redis.from_url(target.redis_url).flushdb()
+    ends = end_offsets(settings)
+    # Round robin: the partitions hold about the same number of events.
+    shares = [share for i in range(workers) if (share := {p: e for p, e in ends.items() if p % workers == i})]
+    total = sum(ends.values())
+    context = multiprocessing.get_context("spawn")  # no librdkafka threads copied by a fork
+    reports: Any = context.Queue()
+    processes = [
+        context.Process(
+            target=_fold_share, args=(target, share, i, reports), name=f"rebuild-{i}", daemon=True
+        )
+        for i, share in enumerate(shares)
+    ]
+    started = time.monotonic()
+    covered = [0] * len(shares)
+    events = [0] * len(shares)
+    try:
+        for process in processes:
+            process.start()
+        finished: set[int] = set()
+        while len(finished) < len(processes):
+            try:
+                kind, i, offsets, folded = reports.get(timeout=1.0)
+            except queue.Empty:
+                _check_alive(processes, finished)
+                continue
+            if kind == "failed":
+                raise RebuildError(f"rebuild worker {i} failed: {offsets}")
+            covered[i], events[i] = offsets, folded
+            if kind == "done":
+                finished.add(i)
+            if on_progress is not None:
+                on_progress(sum(covered), total, sum(events))
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # by its pid; only when the rebuild failed or was interrupted
+            process.join(10)
+    return Rebuilt(database, sum(events), total, len(shares), time.monotonic() - started)
+
+
+def _check_alive(processes: list[Any], finished: set[int]) -> None:
+    for i, process in enumerate(processes):
+        if i not in finished and not process.is_alive():
+            raise RebuildError(
+                f"rebuild worker {i} (pid {process.pid}) ended with exit code {process.exitcode}"
+                " before folding its share; its log lines are above"
+            )
+
+
+def _fold_share(settings: Settings, ends: dict[int, int], index: int, reports: Any) -> None:
+    """A worker process: fold ``ends``' partitions into the target database, reporting progress."""
+    try:
+        worker = ProjectionWorker(settings, rebuilding=True)
+        reported = [0.0]
+
+        def progress(covered: int) -> None:
+            now = time.monotonic()
+            if now - reported[0] >= PROGRESS_EVERY_S:
+                reports.put(("progress", index, covered, worker.events_applied))
+                reported[0] = now
+
+        worker.fold(ends, progress)
+        reports.put(("done", index, sum(ends.values()), worker.events_applied))
+    except BaseException:
+        reports.put(("failed", index, traceback.format_exc(limit=5), 0))
+        raise
+    finally:
+        reports.close()
+        reports.join_thread()  # the parent gets the last report before this process ends
+
+
+def end_offsets(settings: Settings, timeout_s: float = 10.0) -> dict[int, int]:
+    """The events topic's end offset per partition, now."""
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "stockflow-rebuild"})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(settings.events_topic, p), timeout=timeout_s)[1]
+            for p in range(settings.partitions)
+        }
+    except KafkaException as exc:
+        raise RebuildError(
+            f"cannot read the end of {settings.events_topic} from Kafka at"
+            f" {settings.bootstrap_servers}: {exc}; is the stack up (`stockflow stack status`)?"
+        ) from exc
+    finally:
+        consumer.close()
+
+
+def projection_members(settings: Settings, timeout_s: float = 10.0) -> list[str]:
+    """Client ids of the projection workers in their group now."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    future = admin.describe_consumer_groups([settings.projection_group], request_timeout=timeout_s)
+    try:
+        description = future[settings.projection_group].result()
+    except KafkaException as exc:
+        raise RebuildError(f"cannot describe group {settings.projection_group}: {exc}") from exc
+    return sorted(member.client_id for member in description.members)
+
+
+def ensure_no_projection_workers(settings: Settings) -> None:
+    members = projection_members(settings)
+    if members:
+        raise RebuildError(
+            f"{len(members)} projection worker(s) in group {settings.projection_group}"
+            f" ({', '.join(members)}): a worker writing across the switch could leave the new read"
+            " models a gap. Stop them, switch, then start them again; they go on from the"
+            " rebuilt read models"
+        )
+
+
+def switch(settings: Settings, database: int) -> None:
+    """Make ``database`` the live read models, and the live ones ``database``, atomically."""
+    ensure_no_projection_workers(settings)
+    redis.Redis.from_url(settings.redis_url).swapdb(live_database(settings.redis_url), database)
