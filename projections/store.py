@@ -160,12 +160,15 @@ class ReadModelStore:
         results = self._send(commands)
         outcome = Applied()
         commands = []
+        top: list[Any] = []  # units sold, SKU, ...: one ZADD for the batch, one key
         for sku, (count, units_sold, gap) in zip(skus, results, strict=False):
             outcome.events += int(count)
             if gap:
                 outcome.gaps.add(plan.sku_partitions[sku])
             else:
-                commands.append(("ZADD", TOP_KEY, int(units_sold), sku))
+                top += (int(units_sold), sku)
+        if top:
+            commands.append(("ZADD", TOP_KEY, *top))
         marks = [(p, offset) for p, offset in plan.watermarks.items() if p not in outcome.gaps]
         if marks:
             args = [x for mark in marks for x in mark]
