@@ -101,6 +101,10 @@ class ProjectionWorker:
         their share at once, with no rebalance. ``on_progress`` gets the offsets covered so far.
         """
         topic = self._settings.events_topic
+        # Leaders first: assigned "from the beginning" before librdkafka knows a partition's
+        # leader, it asks for the offset only half a second later (measured: 0.5 s to the first
+        # message, 0.03 s with the metadata read first).
+        self._consumer.list_topics(topic, timeout=10)
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         gc.freeze()  # as in run()
         try:
