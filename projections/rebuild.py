@@ -80,8 +80,17 @@ def rebuild(
             f"database {database} holds the live read models (STOCKFLOW_REDIS_URL): rebuild into"
             " another one, e.g. --database 14"
         )
+    if workers < 1:
+        raise RebuildError(f"--workers is {workers}: a rebuild needs at least one worker process")
     target = settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
-    redis.Redis.from_url(target.redis_url).flushdb()
+    try:
+        redis.Redis.from_url(target.redis_url).flushdb()
+    except redis.RedisError as exc:
+        raise RebuildError(
+            f"cannot empty database {database} of Redis at {target.redis_url} ({exc}): is redis-server"
+            f" running there (STOCKFLOW_REDIS_URL), with at least {database + 1} databases"
+            " (`databases` in redis.conf, 16 by default)?"
+        ) from exc
     ends = end_offsets(settings)
     # Round robin: the partitions hold about the same number of events.
     shares = [share for i in range(workers) if (share := {p: e for p, e in ends.items() if p % workers == i})]

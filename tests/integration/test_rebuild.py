@@ -102,9 +102,19 @@ def test_a_rebuild_folds_the_whole_log_into_an_empty_database_equal_to_the_live_
     assert not rebuilt_db.exists("sf:latency_ms")  # replayed events were not made visible just now
 
 
-def test_the_live_database_is_refused_as_the_target(settings: Settings) -> None:
-    with pytest.raises(RebuildError, match="live read models"):
-        rebuild(settings, 0, workers=1)
+@pytest.mark.parametrize(
+    ("database", "workers", "reason"),
+    [
+        (0, 1, "holds the live read models"),
+        (16, 1, "at least 17 databases"),
+        (DATABASE, 0, "at least one worker"),
+    ],
+)
+def test_a_rebuild_that_cannot_be_done_says_why_before_touching_anything(
+    settings: Settings, database: int, workers: int, reason: str
+) -> None:
+    with pytest.raises(RebuildError, match=reason):
+        rebuild(settings, database, workers)
 
 
 def test_a_switch_is_refused_while_a_projection_worker_runs(
