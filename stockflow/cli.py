@@ -550,9 +550,10 @@ def rebuild_command(
     }
     problems: list[str] = []
     if check:
-        report = verify_read_models(
-            settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
-        )
+        with errors.status(f"checking database {database} against a fold of the log (--no-verify skips it)"):
+            report = verify_read_models(
+                settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
+            )
         problems = report.read_model_mismatches
         summary["verified_skus"] = report.skus
         summary["mismatches"] = len(problems)

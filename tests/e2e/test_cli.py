@@ -8,9 +8,11 @@ import sys
 from collections.abc import Callable
 
 import pytest
+import redis
 from confluent_kafka import Producer
 
 from producers.commands import restock
+from projections.queries import ReadModels
 from schemas.codec import codec
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
@@ -50,6 +52,7 @@ def stockflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str
         ["query", "totals"],
         ["demo"],
         ["verify"],
+        ["rebuild"],
         ["status"],
         ["bench"],
         ["api"],
@@ -170,3 +173,26 @@ def test_status_json_reports_the_lag_of_every_partition_of_both_groups(
     table = stockflow(settings, "status", "--once")
     assert table.returncode == 0, table.stderr
     assert settings.projection_group in table.stdout and "held by" in table.stdout
+
+
+@pytest.mark.usefixtures("stack")
+def test_rebuild_folds_the_log_checks_it_and_refuses_to_switch_under_a_running_worker(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    sku = unique("CLI-REBUILD")
+    assert stockflow(settings, "publish", "restock", sku, "4").returncode == 0
+    models = ReadModels(redis.Redis.from_url(settings.redis_url))
+    wait_for("the restock in the read models", lambda: models.stock(sku), 60)
+    try:
+        result = stockflow(settings, "rebuild", "--database", "12", "--workers", "2", "--json")
+
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["events"] >= 1 and summary["workers"] == 2 and summary["mismatches"] == 0
+        assert summary["verified_skus"] >= 1
+
+        refused = stockflow(settings, "rebuild", "--database", "12", "--switch")
+        assert refused.returncode == 1
+        assert "projection worker(s) in group" in refused.stderr
+    finally:
+        redis.Redis.from_url(settings.redis_url.rpartition("/")[0] + "/12").flushdb()
