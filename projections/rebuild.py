@@ -74,11 +74,22 @@ def rebuild(
 
     ``on_progress(offsets covered, offsets in all, events folded)`` runs as the workers report.
     """
-    live = live_database(settings.redis_url)
-    if database == live:
+    target = _emptied(settings, database, workers)
+    ends = end_offsets(settings)
+    # Round robin: the partitions hold about the same number of events.
+    shares = [share for i in range(workers) if (share := {p: e for p, e in ends.items() if p % workers == i})]
+    total = sum(ends.values())
+    started = time.monotonic()
+    events = _fold_in_processes(target, shares, total, on_progress)
+    return Rebuilt(database, events, total, len(shares), time.monotonic() - started)
+
+
+def _emptied(settings: Settings, database: int, workers: int) -> Settings:
+    """Settings that write to ``database``, emptied; refuses a rebuild that cannot be done."""
+    if database == live_database(settings.redis_url):
         raise RebuildError(
             f"database {database} holds the live read models (STOCKFLOW_REDIS_URL): rebuild into"
-            " another one, e.g. --database 14"
+            " another one (--database)"
         )
     if workers < 1:
         raise RebuildError(f"--workers is {workers}: a rebuild needs at least one worker process")
@@ -91,10 +102,16 @@ def rebuild(
             f" running there (STOCKFLOW_REDIS_URL), with at least {database + 1} databases"
             " (`databases` in redis.conf, 16 by default)?"
         ) from exc
-    ends = end_offsets(settings)
-    # Round robin: the partitions hold about the same number of events.
-    shares = [share for i in range(workers) if (share := {p: e for p, e in ends.items() if p % workers == i})]
-    total = sum(ends.values())
+    return target
+
+
+def _fold_in_processes(
+    target: Settings,
+    shares: list[dict[int, int]],
+    total: int,
+    on_progress: Callable[[int, int, int], None] | None,
+) -> int:
+    """One worker process per share of the partitions; the events they folded."""
     context = multiprocessing.get_context("spawn")  # no librdkafka threads copied by a fork
     reports: Any = context.Queue()
     processes = [
@@ -103,7 +120,6 @@ def rebuild(
         )
         for i, share in enumerate(shares)
     ]
-    started = time.monotonic()
     covered = [0] * len(shares)
     events = [0] * len(shares)
     try:
@@ -125,10 +141,12 @@ def rebuild(
                 on_progress(sum(covered), total, sum(events))
     finally:
         for process in processes:
+            if process.pid is None:
+                continue  # never started: starting an earlier one failed
             if process.is_alive():
                 process.terminate()  # by its pid; only when the rebuild failed or was interrupted
             process.join(10)
-    return Rebuilt(database, sum(events), total, len(shares), time.monotonic() - started)
+    return sum(events)
 
 
 def _check_alive(processes: list[Any], finished: set[int]) -> None:
