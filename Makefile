@@ -41,7 +41,7 @@ test: setup postgresql ## All tests: unit, integration and end-to-end (starts it
 test-unit: setup ## Unit tests only (no services)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-bench: setup postgresql ## Pipeline vs raw Kafka vs PostgreSQL CRUD; writes .stockflow/bench/REPORT.md (about 5 min)
+bench: setup postgresql ## Pipeline vs raw Kafka vs PostgreSQL CRUD; writes .stockflow/bench/REPORT.md (about 6 min)
 	$(BIN)/stockflow bench $(BENCH_ARGS)
 
 .PHONY: postgresql
