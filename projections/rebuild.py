@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -55,9 +56,8 @@ class Rebuilt:
 
 
 def database_url(redis_url: str, database: int) -> str:
-    """``redis_url`` with its database number replaced."""
-    base, _, _ = redis_url.rpartition("/")
-    return f"{base}/{database}"
+    """``redis_url`` with its database number replaced (or added: ``redis://host:6379``)."""
+    return urlsplit(redis_url)._replace(path=f"/{database}").geturl()
 
 
 def live_database(redis_url: str) -> int:

@@ -13,6 +13,7 @@ from confluent_kafka import Producer
 
 from producers.commands import restock
 from projections.queries import ReadModels
+from projections.rebuild import database_url
 from schemas.codec import codec
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
@@ -195,4 +196,4 @@ def test_rebuild_folds_the_log_checks_it_and_refuses_to_switch_under_a_running_w
         assert refused.returncode == 1
         assert "projection worker(s) in group" in refused.stderr
     finally:
-        redis.Redis.from_url(settings.redis_url.rpartition("/")[0] + "/12").flushdb()
+        redis.Redis.from_url(database_url(settings.redis_url, 12)).flushdb()
