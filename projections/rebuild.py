@@ -74,8 +74,8 @@ def rebuild(
 
     ``on_progress(offsets covered, offsets in all, events folded)`` runs as the workers report.
     """
+    ends = end_offsets(settings)  # first: with Kafka unreachable, nothing is emptied
     target = _emptied(settings, database, workers)
-    ends = end_offsets(settings)
     # Round robin: the partitions hold about the same number of events.
     shares = [share for i in range(workers) if (share := {p: e for p, e in ends.items() if p % workers == i})]
     total = sum(ends.values())
