@@ -27,11 +27,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from projections.worker import ProjectionWorker
 from stockflow.errors import StockflowError
+from stockflow.logreader import end_offsets
 from stockflow.settings import Settings
 
 # How often each worker process reports the offsets it has covered.
@@ -74,7 +75,8 @@ def rebuild(
 
     ``on_progress(offsets covered, offsets in all, events folded)`` runs as the workers report.
     """
-    ends = end_offsets(settings)  # first: with Kafka unreachable, nothing is emptied
+    # First: with Kafka unreachable, nothing is emptied. Partitions without records are left out.
+    ends = end_offsets(settings, settings.events_topic)
     target = _emptied(settings, database, workers)
     # Round robin: the partitions hold about the same number of events.
     shares = [share for i in range(workers) if (share := {p: e for p, e in ends.items() if p % workers == i})]
@@ -178,23 +180,6 @@ def _fold_share(settings: Settings, ends: dict[int, int], index: int, reports: A
     finally:
         reports.close()
         reports.join_thread()  # the parent gets the last report before this process ends
-
-
-def end_offsets(settings: Settings, timeout_s: float = 10.0) -> dict[int, int]:
-    """The events topic's end offset per partition, now."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "stockflow-rebuild"})
-    try:
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(settings.events_topic, p), timeout=timeout_s)[1]
-            for p in range(settings.partitions)
-        }
-    except KafkaException as exc:
-        raise RebuildError(
-            f"cannot read the end of {settings.events_topic} from Kafka at"
-            f" {settings.bootstrap_servers}: {exc}; is the stack up (`stockflow stack status`)?"
-        ) from exc
-    finally:
-        consumer.close()
 
 
 def projection_members(settings: Settings, timeout_s: float = 10.0) -> list[str]:

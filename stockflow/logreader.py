@@ -34,20 +34,7 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Itera
         }
     )
     try:
-        try:
-            metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        except KafkaException as exc:
-            raise StackError(
-                f"cannot reach Kafka at {settings.bootstrap_servers} ({exc}): start the stack"
-                " (`stockflow stack up`) or set STOCKFLOW_BOOTSTRAP_SERVERS"
-            ) from exc
-        if metadata is None or metadata.error is not None:
-            raise StackError(f"topic {topic} is missing: start the stack or check STOCKFLOW_*_TOPIC")
-        ends = {}
-        for partition in metadata.partitions:
-            low, high = _watermarks(consumer, TopicPartition(topic, partition), timeout_s)
-            if high > low:
-                ends[partition] = high
+        ends = end_offsets(settings, topic, timeout_s)
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
         while ends:
             message = consumer.poll(timeout_s)
@@ -60,6 +47,28 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Itera
             if offset >= ends.get(partition, 0) - 1:
                 ends.pop(partition, None)
             yield _logged(message, topic, partition, offset)
+    finally:
+        consumer.close()
+
+
+def end_offsets(settings: Settings, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+    """The end offset, now, of each partition of ``topic`` that holds records."""
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "stockflow-reader"})
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise StackError(f"topic {topic} is missing: start the stack or check STOCKFLOW_*_TOPIC")
+        ends = {}
+        for partition in metadata.partitions:
+            low, high = _watermarks(consumer, TopicPartition(topic, partition), timeout_s)
+            if high > low:
+                ends[partition] = high
+        return ends
+    except KafkaException as exc:
+        raise StackError(
+            f"cannot reach Kafka at {settings.bootstrap_servers} ({exc}): start the stack"
+            " (`stockflow stack up`) or set STOCKFLOW_BOOTSTRAP_SERVERS"
+        ) from exc
     finally:
         consumer.close()
 

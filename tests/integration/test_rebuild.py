@@ -12,7 +12,8 @@ import redis
 from producers.commands import cancel_order, place_order, restock
 from producers.publisher import Publisher
 from projections.queries import ReadModels
-from projections.rebuild import RebuildError, database_url, end_offsets, rebuild, switch
+from projections.rebuild import RebuildError, database_url, rebuild, switch
+from stockflow.logreader import end_offsets
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
@@ -80,7 +81,7 @@ def test_a_rebuild_folds_the_whole_log_into_an_empty_database_equal_to_the_live_
     publish_on_every_partition(settings, unique("REBUILD-SPREAD"))
     rebuilt_db.set("left-over", "from an earlier rebuild")
     progress: list[tuple[int, int, int]] = []
-    ends = end_offsets(settings)
+    ends = end_offsets(settings, settings.events_topic)
 
     result = rebuild(settings, DATABASE, workers=2, on_progress=lambda *p: progress.append(p))
 
