@@ -230,6 +230,12 @@ def raw_kafka(settings: Settings, workload: Workload, count: int, say: Say) -> d
     return {"produce_msgs_per_s": produced, "consume_msgs_per_s": consumed, "message_bytes": size}
 
 
+def restock_every_sku(publisher: Publisher, workload: Workload) -> None:
+    """Plenty of stock on every SKU, so that every order is processed, as in the CRUD baseline."""
+    for sku in LoadProfile(orders=0, skus=workload.skus).sku_names():
+        publisher.send(restock(sku, 1_000_000_000))
+
+
 def publish_orders(
     publisher: Publisher,
     workload: Workload,
@@ -357,11 +363,9 @@ def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Sa
         result["raw_kafka"] = raw
         result["raw_kafka_msgs_per_s"] = min(raw["produce_msgs_per_s"], raw["consume_msgs_per_s"])
 
-        # Plenty of stock, so every order is processed, as in the CRUD baseline. Backpressure
-        # off: these phases measure how fast commands can go in, backlog or not.
+        # Backpressure off: these phases measure how fast commands can go in, backlog or not.
         publisher = Publisher(settings.model_copy(update={"backpressure_high_water": 0}))
-        for sku in LoadProfile(orders=0, skus=workload.skus).sku_names():
-            publisher.send(restock(sku, 1_000_000_000))
+        restock_every_sku(publisher, workload)
         publisher.flush(60)
         result["ingest_commands_per_s"] = publish_orders(publisher, workload, options.orders, 0, seed=1)
         say(f"  ingest (workers stopped): {result['ingest_commands_per_s']:,.0f} commands/s acknowledged")
@@ -407,8 +411,7 @@ def warm_up(options: BenchOptions, settings: Settings, say: Say) -> None:
         workers.start_workers("processor", options.processors)
         workers.start_workers("projection", options.projections)
         workload = WORKLOADS["uniform"]
-        for sku in LoadProfile(orders=0, skus=workload.skus).sku_names():
-            publisher.send(restock(sku, 1_000_000_000))  # orders processed, as in the workloads
+        restock_every_sku(publisher, workload)
         publish_orders(publisher, workload, options.orders, 0, seed=4)
         wait_visible(Counts(settings), workload.skus + options.orders, "warm-up (not measured)", say)
     finally:
