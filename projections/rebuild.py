@@ -164,13 +164,13 @@ def _fold_share(settings: Settings, ends: dict[int, int], index: int, reports: A
     """A worker process: fold ``ends``' partitions into the target database, reporting progress."""
     try:
         worker = ProjectionWorker(settings, rebuilding=True)
-        reported = [0.0]
+        reported = 0.0
 
         def progress(covered: int) -> None:
-            now = time.monotonic()
-            if now - reported[0] >= PROGRESS_EVERY_S:
+            nonlocal reported
+            if time.monotonic() - reported >= PROGRESS_EVERY_S:
                 reports.put(("progress", index, covered, worker.events_applied))
-                reported[0] = now
+                reported = time.monotonic()
 
         worker.fold(ends, progress)
         reports.put(("done", index, sum(ends.values()), worker.events_applied))
