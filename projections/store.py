@@ -22,7 +22,7 @@ log leaves the models unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,15 +86,22 @@ end
 return {applied, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0'), 0}
 """
 
-# KEYS: watermarks hash. ARGV: partition, offset pairs. Offsets only move forward.
+# KEYS: watermarks hash. ARGV: partition, held, offset triples; held is the watermark the
+# writer last saw there (-1: none). Offsets only move forward. A watermark below what the writer
+# saw means Redis lost data (a flush, a restart) since then, maybe between this batch's SKU
+# writes and this call: the partition is returned, not advanced, and the worker replays it.
+# Advanced anyway, it would mark as applied a partition whose older effects are gone.
 _ADVANCE_WATERMARKS = """
-for i = 1, #ARGV, 2 do
+local lost = {}
+for i = 1, #ARGV, 3 do
   local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
-  if tonumber(ARGV[i + 1]) > current then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if current < tonumber(ARGV[i + 1]) then
+    lost[#lost + 1] = tonumber(ARGV[i])
+  elseif tonumber(ARGV[i + 2]) > current then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
   end
 end
-return 1
+return lost
 """
 
 
@@ -130,21 +137,23 @@ class ReadModelStore:
         self._apply_sku = client.register_script(_APPLY_SKU)
         self._advance_watermarks = client.register_script(_ADVANCE_WATERMARKS)
 
-    def apply(self, plan: WritePlan) -> Applied:
+    def apply(self, plan: WritePlan, held: Mapping[int, int] | None = None) -> Applied:
         """Write a plan; the partition watermarks go last, after every effect they cover.
 
-        A partition in which some SKU's history has a gap gets no watermark: it must be replayed.
+        ``held``: per partition, the watermark the writer saw in Redis before this plan (read,
+        or written by itself). A partition in which some SKU's history has a gap, or whose
+        watermark has fallen below ``held``, gets no watermark: it must be replayed.
         """
         try:
-            return self._apply(plan)
+            return self._apply(plan, held or {})
         except NoScriptError:
             # Redis restarted (or SCRIPT FLUSH): load the scripts and write the plan again,
             # which changes nothing it already wrote.
             for script in (self._apply_sku, self._advance_watermarks):
                 self._redis.script_load(script.script)
-            return self._apply(plan)
+            return self._apply(plan, held or {})
 
-    def _apply(self, plan: WritePlan) -> Applied:
+    def _apply(self, plan: WritePlan, held: Mapping[int, int]) -> Applied:
         skus = list(plan.sku_changes)
         commands: list[tuple[Any, ...]] = []
         for sku in skus:
@@ -169,11 +178,15 @@ class ReadModelStore:
                 top += (int(units_sold), sku)
         if top:
             commands.append(("ZADD", TOP_KEY, *top))
-        marks = [(p, offset) for p, offset in plan.watermarks.items() if p not in outcome.gaps]
+        marks = [
+            (p, held.get(p, -1), offset) for p, offset in plan.watermarks.items() if p not in outcome.gaps
+        ]
         if marks:
             args = [x for mark in marks for x in mark]
             commands.append(("EVALSHA", self._advance_watermarks.sha, 1, WATERMARKS_KEY, *args))
-        self._send(commands)
+        replies = self._send(commands)
+        if marks:
+            outcome.gaps.update(int(p) for p in replies[-1])
         return outcome
 
     def record_latencies(self, visible: dict[int, int], decided: dict[int, int]) -> None:

@@ -69,7 +69,8 @@ class ProjectionWorker:
             {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True}
         )
         self.events_applied = 0
-        # Last offset this worker applied, per assigned partition: what Redis should hold.
+        # What Redis should hold, per assigned partition: the watermark read when the partition
+        # was assigned, then the last offset this worker applied.
         self._applied: dict[int, int] = {}
         # The batch being written to Redis, by a thread of its own (see poll_once).
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-writer")
@@ -147,7 +148,8 @@ class ProjectionWorker:
             return 0
         if any(event is None for _, _, event in batch):
             self._dead_letters.flush(30)  # parked for good before the watermark moves past it
-        self._writing = self._writer.submit(self._write, plan_writes(batch), batch)
+        held = {p: self._applied[p] for p, _, _ in batch if p in self._applied}
+        self._writing = self._writer.submit(self._write, plan_writes(batch), held, batch)
         self._written = batch
         self._writing_since = time.monotonic()
         return len(batch)
@@ -178,12 +180,14 @@ class ProjectionWorker:
                 break
             messages = self._consumer.consume(min(room, CONSUME_STEP), 0)
 
-    def _write(self, plan: WritePlan, batch: list[tuple[int, int, Event | None]]) -> Applied:
+    def _write(
+        self, plan: WritePlan, held: dict[int, int], batch: list[tuple[int, int, Event | None]]
+    ) -> Applied:
         """Write ``plan``, then the latencies of ``batch``'s events, now visible; in the writer
         thread, waiting for Redis if it is down. Meanwhile the worker pauses its partitions and
         stays in the group, as it does while Redis is slow (poll_once); a Redis that comes back
         empty is rebuilt from the log."""
-        outcome = self._once_reachable("writing the batch", lambda: self._store.apply(plan))
+        outcome = self._once_reachable("writing the batch", lambda: self._store.apply(plan, held))
         if self._rebuilding:
             return outcome
         visible, decided = self._latencies(batch)
@@ -288,10 +292,12 @@ class ProjectionWorker:
         return _bucketed(visible), _bucketed(decided)
 
     def _lost_watermarks(self) -> set[int]:
-        """Partitions this worker wrote whose watermark Redis no longer has (it lost its data).
+        """Assigned partitions whose watermark has fallen below what Redis held before (it lost
+        its data).
 
         One HGETALL per poll. It notices a loss even on partitions with no new events; the
-        version check in the store is what keeps a loss from ever being half-written over.
+        version and watermark checks in the store keep a loss during a write from ever being
+        half-written over.
         """
         if not self._applied:
             return set()
@@ -354,6 +360,10 @@ class ProjectionWorker:
         for tp in partitions:
             applied = watermarks.get(tp.partition)
             tp.offset = OFFSET_BEGINNING if applied is None else applied + 1
+            if applied is not None:
+                # From now on Redis must hold at least this much of the partition: a loss is
+                # noticed even if no event comes (_lost_watermarks) or during a write (store).
+                self._applied[tp.partition] = applied
         consumer.assign(partitions)
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 

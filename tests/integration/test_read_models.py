@@ -160,3 +160,26 @@ def test_an_error_reply_raises_and_the_next_write_is_whole(
     assert ReadModels(scratch).order(blocked.order_id)[sku]["status"] == "processed"
     assert ReadModels(scratch).order(later.order_id)[sku]["status"] == "processed"
     assert ReadModels(scratch).watermarks() == {0: 2}
+
+
+def test_a_watermark_lost_while_a_batch_is_written_is_reported_and_not_advanced(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    first, later = unique("SKU"), unique("LATER")
+    history = decided(first, restock(first, 5), place_order(first, 1))
+    store = ReadModelStore(scratch)
+    store.apply(plan_writes([(3, i, e) for i, e in enumerate(history)]))
+    assert ReadModels(scratch).watermarks() == {3: 1}
+    # Redis loses everything just before the next batch: a new SKU, so no version is missing,
+    # and only the partition's watermark shows that the older SKU's writes are gone.
+    scratch.flushdb()
+    new = decided(later, restock(later, 2))
+    outcome = store.apply(plan_writes([(3, 2, new[0])]), held={3: 1})
+    assert outcome.gaps == {3}
+    assert ReadModels(scratch).watermarks() == {}  # not advanced: the partition must be replayed
+    replay = store.apply(plan_writes([(3, i, e) for i, e in enumerate([*history, *new])]))
+    assert (replay.events, replay.gaps) == (2, set())  # the new SKU's event was already there
+    assert ReadModels(scratch).watermarks() == {3: 2}
+    stock = ReadModels(scratch).stock(first)
+    assert stock is not None
+    assert (stock["available"], stock["version"]) == (4, 2)

@@ -1,0 +1,84 @@
+"""A projection worker, in this process, on a topic, group and Redis database of its own."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from confluent_kafka import Producer
+
+from producers.commands import place_order, restock
+from projections.queries import ReadModels
+from projections.rebuild import database_url
+from projections.worker import ProjectionWorker
+from schemas.codec import codec
+from stockflow.settings import Settings
+from stockflow.topics import ensure_topics
+from tests.history import decided
+from tests.pipeline import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
+
+DATABASE = 11  # the live read models are in database 0
+
+
+@pytest.fixture
+def own(settings: Settings, unique: Callable[[str], str]) -> Iterator[Settings]:
+    """The stack, with a fresh events topic, projection group and Redis database."""
+    mine = settings.model_copy(
+        update={
+            "events_topic": unique("events"),
+            "projection_group": unique("projection"),
+            "redis_url": database_url(settings.redis_url, DATABASE),
+        }
+    )
+    ensure_topics(mine)
+    yield mine
+    redis.Redis.from_url(mine.redis_url).flushdb()
+
+
+class Running:
+    """A worker's run() in a thread, stopped and joined on leaving."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=ProjectionWorker(settings).run, args=(self._stop.is_set,))
+
+    def __enter__(self) -> Running:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+
+def test_a_loss_on_a_partition_without_new_events_is_noticed_by_a_worker_just_assigned_it(
+    own: Settings, unique: Callable[[str], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="projections.worker")
+    sku = unique("SKU")
+    events = decided(sku, restock(sku, 5), place_order(sku, 2))
+    producer = Producer({"bootstrap.servers": own.bootstrap_servers})
+    producer.produce(own.events_topic, codec.encode_batch(events), partition=own.partitions - 1)
+    assert producer.flush(30) == 0
+    client = redis.Redis.from_url(own.redis_url)
+    models = ReadModels(client)
+
+    def shown() -> bool:
+        return (models.stock(sku) or {}).get("version") == len(events)
+
+    with Running(own):
+        wait_for(f"{sku} in the read models", shown)
+    caplog.clear()
+    with Running(own):
+        # The new worker resumes after the watermarks; no event comes, and then Redis loses
+        # everything. Only what it read at the assignment tells it the partition was applied.
+        wait_for("the partitions to be assigned", lambda: "assigned partitions" in caplog.text)
+        client.flushdb()
+        wait_for(f"{sku} rebuilt after the loss", shown, 30)
+    assert f"Redis lost data of events partition {own.partitions - 1}" in caplog.text
