@@ -22,6 +22,14 @@ PROCESSOR_TABLES = ("state",)
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 
 
+# A worker restores the processor's table by reading its whole changelog before it decides
+# anything, at start and whenever it takes partitions over. Kafka compacts (keeps the newest
+# record of each key) only closed segments: with the default 1 GB segments nothing was ever
+# compacted, and a restart read every SKU row every batch had written. Segments of 1 MiB (the
+# least Kafka accepts) close often; the cleaner then runs once half a partition is stale.
+COMPACTED_CHANGELOG = {"cleanup.policy": "compact", "segment.bytes": str(1024 * 1024)}
+
+
 def changelog_topic(settings: Settings, table: str) -> str:
     """The name Faust gives a table's changelog: ``<app id>-<table>-changelog``."""
     return f"{settings.processor_group}-{table}-changelog"
@@ -38,7 +46,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     # write to it before its metadata shows any partition, and Faust then crashes the agent
     # with PartitionsMismatch ("... has 0 partitions").
     for table in PROCESSOR_TABLES:
-        configs[changelog_topic(settings, table)] = {"cleanup.policy": "compact"}
+        configs[changelog_topic(settings, table)] = dict(COMPACTED_CHANGELOG)
     return configs
 
 
