@@ -246,12 +246,21 @@ class ProjectionWorker:
             _low, high = self._consumer.get_watermark_offsets(tp, cached=True)  # from the last fetch
             lag = max(high - offset - 1, 0)
             metrics.CONSUMER_LAG.labels(self._settings.projection_group, partition).set(lag)
-        if done and not self._rebuilding:
+        if done:
+            self._commit_applied()
+        return True
+
+    def _commit_applied(self) -> None:
+        """Commit one past what Redis holds, for every assigned partition: the group's lag that
+        operators and publishers read. Every partition each time, so a commit lost while the
+        broker was away is made good by the next one, even on a partition with no new events."""
+        if self._applied and not self._rebuilding:
             self._consumer.commit(
-                offsets=[TopicPartition(self._settings.events_topic, p, o + 1) for p, o in done.items()],
+                offsets=[
+                    TopicPartition(self._settings.events_topic, p, o + 1) for p, o in self._applied.items()
+                ],
                 asynchronous=True,
             )
-        return True
 
     def _hold_back(self, timeout_s: float) -> None:
         """Redis is behind: stop fetching, but keep polling so the group keeps this worker."""
@@ -365,6 +374,9 @@ class ProjectionWorker:
                 # noticed even if no event comes (_lost_watermarks) or during a write (store).
                 self._applied[tp.partition] = applied
         consumer.assign(partitions)
+        # Where the worker resumes is where the group stands, even if no event comes (a commit of
+        # the last batches may have been lost with the broker that ended the last assignment).
+        self._commit_applied()
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def _warn_if_redis_lost(self, consumer: Consumer, unmarked: list[TopicPartition]) -> None:

@@ -8,11 +8,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from producers.commands import place_order, restock
 from projections.queries import ReadModels
 from projections.rebuild import database_url
+from projections.store import ReadModelStore
+from projections.views import plan_writes
 from projections.worker import ProjectionWorker
 from schemas.codec import codec
 from stockflow.settings import Settings
@@ -82,3 +84,31 @@ def test_a_loss_on_a_partition_without_new_events_is_noticed_by_a_worker_just_as
         client.flushdb()
         wait_for(f"{sku} rebuilt after the loss", shown, 30)
     assert f"Redis lost data of events partition {own.partitions - 1}" in caplog.text
+
+
+def test_a_worker_given_partitions_commits_where_redis_stands_even_if_no_event_comes(
+    own: Settings, unique: Callable[[str], str]
+) -> None:
+    # Redis holds a partition's events, and the group never committed them: as after a commit
+    # lost while the broker was away. No event comes after the worker is given the partition.
+    sku = unique("SKU")
+    partition = own.partitions - 1
+    events = decided(sku, restock(sku, 5), place_order(sku, 2))
+    producer = Producer({"bootstrap.servers": own.bootstrap_servers})
+    producer.produce(own.events_topic, codec.encode_batch(events), partition=partition)
+    assert producer.flush(30) == 0
+    ReadModelStore(redis.Redis.from_url(own.redis_url)).apply(
+        plan_writes([(partition, 0, e) for e in events])
+    )
+    group = Consumer({"bootstrap.servers": own.bootstrap_servers, "group.id": own.projection_group})
+    tp = TopicPartition(own.events_topic, partition)
+
+    def committed() -> int:
+        return int(group.committed([tp], timeout=10)[0].offset)
+
+    try:
+        assert committed() < 0  # nothing committed yet
+        with Running(own):
+            wait_for("the group to commit past the events Redis holds", lambda: committed() == 1, 30)
+    finally:
+        group.close()
