@@ -144,14 +144,15 @@ class ReadModelStore:
         or written by itself). A partition in which some SKU's history has a gap, or whose
         watermark has fallen below ``held``, gets no watermark: it must be replayed.
         """
+        held = held or {}
         try:
-            return self._apply(plan, held or {})
+            return self._apply(plan, held)
         except NoScriptError:
             # Redis restarted (or SCRIPT FLUSH): load the scripts and write the plan again,
             # which changes nothing it already wrote.
             for script in (self._apply_sku, self._advance_watermarks):
                 self._redis.script_load(script.script)
-            return self._apply(plan, held or {})
+            return self._apply(plan, held)
 
     def _apply(self, plan: WritePlan, held: Mapping[int, int]) -> Applied:
         skus = list(plan.sku_changes)

@@ -148,7 +148,8 @@ class ProjectionWorker:
             return 0
         if any(event is None for _, _, event in batch):
             self._dead_letters.flush(30)  # parked for good before the watermark moves past it
-        held = {p: self._applied[p] for p, _, _ in batch if p in self._applied}
+        # A copy: what Redis must hold as the write begins (a dozen partitions, not every event).
+        held = dict(self._applied)
         self._writing = self._writer.submit(self._write, plan_writes(batch), held, batch)
         self._written = batch
         self._writing_since = time.monotonic()
