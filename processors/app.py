@@ -38,7 +38,7 @@ import os
 import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +73,20 @@ ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
 
 COMPACT = (",", ":")  # JSON separators, as Faust writes its table changelogs
 
-# An order line as the table keeps it: (qty, placed_at, cancelled_at) (offsets; -1 = not yet),
-# a JSON array in the changelog. A tuple, not a list: a tuple of ints drops out of the garbage
-# collector's view, and with a list per order ever placed each full collection paused the
+# An order line as the table keeps it: (qty, placed_at, cancelled_at, placed_ms): the offsets of
+# the commands that placed and cancelled it (-1 = not yet), and when the broker appended the one
+# that placed it; a JSON array in the changelog. A tuple, not a list: a tuple of ints drops out
+# of the garbage collector's view, and with a list per order each full collection paused the
 # processor for longer (45 ms at 100,000 orders, 130 ms at 300,000).
-Line = tuple[int, int, int]
+Line = tuple[int, int, int, int]
+
+# A line is forgotten once the cancel window has passed since it was placed plus this much (or
+# plus the window, if shorter): a command appended later must find it past the window even if
+# the broker's clock stepped back by less than this meanwhile.
+CLOCK_SLACK_MS = 60_000
+
+# Kafka's timestamp type of a record the broker stamped when it appended it (aiokafka's value).
+LOG_APPEND_TIME = 1
 
 # Events per EventBatch frame: well under Kafka's 1 MB message limit (an event is ~150 bytes).
 EVENTS_PER_FRAME = 1000
@@ -99,7 +108,8 @@ class StateTable(faust.Table[str, Any]):
     """
 
     async def write(self, partition: int, changes: Sequence[tuple[str, Any]]) -> None:
-        """Set each key to its value and send the changes to one changelog partition, in order.
+        """Set each key to its value (None deletes it) and send the changes to one changelog
+        partition, in order.
 
         The changes go out as Kafka record batches built here (aiokafka's create_batch and
         send_batch), usually one: a record batch is appended to the log whole, and a change
@@ -109,9 +119,13 @@ class StateTable(faust.Table[str, Any]):
         topic = self.changelog_topic.get_topic_name()
         batch = producer.create_batch()
         for key, value in changes:
-            self.data[key] = value
             key_bytes = json.dumps(key, separators=COMPACT).encode()
-            value_bytes = json.dumps(value, separators=COMPACT).encode()
+            value_bytes = None
+            if value is None:  # a deletion: a tombstone in the changelog
+                self.data.pop(key, None)
+            else:
+                self.data[key] = value
+                value_bytes = json.dumps(value, separators=COMPACT).encode()
             # None: the batch is full. Send it and start another, which takes any one record.
             while batch.append(key=key_bytes, value=value_bytes, timestamp=None) is None:
                 await producer.send_batch(batch, topic, partition=partition)
@@ -131,6 +145,7 @@ class Working:
     available: int
     version: int
     orders: dict[str, OrderLine]  # order lines this batch has loaded or changed
+    placed_ms: dict[str, int]  # when the broker appended the command that placed each of those
     partition: int
     saved_offset: int  # offset of the last command applied, as the table has it
     offset: int  # offset of the last command applied, including this batch
@@ -153,8 +168,10 @@ class CommandHandler:
 
     - ``s:<sku>``: ``{"available", "version", "offset"}``, offset of the last command applied
     - ``l:<partition>:<n>``: the order lines a batch placed or cancelled on the partition,
-      ``{"<sku>/<order_id>": [qty, placed_at, cancelled_at]}`` (offsets; -1 = not cancelled),
-      what a cancel needs; n counts up, and a later record's line replaces an earlier one
+      ``{"<sku>/<order_id>": [qty, placed_at, cancelled_at, placed_ms]}`` (see ``Line``), what
+      a cancel needs; n counts up, and a later record's line replaces an earlier one. A record
+      is deleted once every line in it is past the cancel window: a cancel could not reach
+      them, so memory holds about one window of orders
     - ``p:<partition>``: offset of the last command message handled on that partition
 
     Reads go to ``table.data`` (the store) directly: a Table's own get() takes a slow path
@@ -174,10 +191,25 @@ class CommandHandler:
         # much again per message in bookkeeping this handler does not need.
         self.producer = producer
         self.read_commands = read_commands
-        self.lines: dict[int, dict[str, Line]] = {}  # partition -> every order line saved
+        self.lines: dict[int, dict[str, Line]] = {}  # partition -> order lines saved, not forgotten
         self.next_chunk: dict[int, int] = {}  # partition -> n of its next l: record
+        # partition -> (n, newest placed_ms) of each of its l: records, oldest first
+        self.chunks: dict[int, deque[tuple[int, int]]] = {}
+        self.appended_ms: dict[int, int] = {}  # partition -> newest broker time of a command handled
+        self.window_ms = round(settings.cancel_window_s * 1000)
+        self.timestamps_checked = False
         self.recent: dict[int, RecentCommands] = {}
         self.last_batch_at = time.monotonic()
+
+    def check_timestamp_type(self, timestamp_type: int) -> None:
+        """Warn, once, if the commands topic carries the publishers' timestamps."""
+        if not self.timestamps_checked and timestamp_type != LOG_APPEND_TIME:
+            log.warning(
+                "%s has the publishers' timestamps, so their clocks measure the cancel window: set"
+                " message.timestamp.type=LogAppendTime on it (README: Processor state)",
+                self.settings.commands_topic,
+            )
+        self.timestamps_checked = True
 
     async def handle_batch(self, messages: Sequence[Logged]) -> None:
         """Decide a batch; returns once its events are in the log and its state is saved.
@@ -239,10 +271,14 @@ class CommandHandler:
             if key.startswith(prefix)
         )
         lines: dict[str, Line] = {}
+        self.chunks[partition] = deque()
         for n, restored in chunks:
-            chunk = {name: tuple(line) for name, line in restored.items()}  # JSON gave lists
+            # JSON gave lists. A line saved before there was a cancel window has no placed_ms:
+            # it counts as placed long ago.
+            chunk: dict[str, Line] = {name: (*line, 0)[:4] for name, line in restored.items()}
             self.table.data[f"{prefix}{n}"] = chunk
             lines.update(chunk)
+            self.chunks[partition].append((n, max((line[3] for line in chunk.values()), default=0)))
         self.lines[partition] = lines
         self.next_chunk[partition] = chunks[-1][0] + 1 if chunks else 0
 
@@ -293,6 +329,8 @@ class CommandHandler:
             await self._park(message, str(exc), type(exc).__name__, batch)
             commands = []
         batch.commands += len(commands)
+        appended = self.appended_ms.get(message.partition, 0)
+        self.appended_ms[message.partition] = max(appended, message.timestamp_ms)
         sampled = False
         for index, command in enumerate(commands):
             refused = refusal(command, message.partition, self.settings.partitions)
@@ -322,13 +360,15 @@ class CommandHandler:
             metrics.COMMAND_RETRIES.inc()
         orders: dict[str, OrderLine] = {}
         if isinstance(command, (PlaceOrder, CancelOrder)):
-            line = self._order_line(working, command.sku, command.order_id)
+            line = self._order_line(working, command.sku, command.order_id, message.timestamp_ms)
             orders = {command.order_id: line} if line else {}
         state = Stock(command.sku, working.available, working.version, orders, decided=seen)
         now_ms = int(time.time() * 1000)
         for decision in decide(state, command, now_ms):
             state = evolve(state, decision)
-            self._remember_line(decision, message.partition, message.offset, batch)
+            if isinstance(decision, OrderProcessed):
+                working.placed_ms[decision.order_id] = message.timestamp_ms
+            self._remember_line(decision, message, batch)
             batch.events.setdefault(message.partition, []).append(decision)
         recent.handled(message.offset, command.command_id)
         working.available, working.version = state.available, state.version
@@ -338,29 +378,38 @@ class CommandHandler:
 
     def _load(self, sku: str, partition: int) -> Working:
         row = self.table.data.get(f"s:{sku}") or {"available": 0, "version": 0, "offset": -1}
-        return Working(row["available"], row["version"], {}, partition, row["offset"], row["offset"])
+        return Working(row["available"], row["version"], {}, {}, partition, row["offset"], row["offset"])
 
-    def _order_line(self, working: Working, sku: str, order_id: str) -> OrderLine | None:
-        """The order's line as this batch left it, else as the table has it, if it has one."""
+    def _order_line(self, working: Working, sku: str, order_id: str, now_ms: int) -> OrderLine | None:
+        """The order's line as this batch left it, else as the table has it; None if it has
+        none, or if more than the cancel window has passed between its placing and ``now_ms``
+        (when the broker appended the command asking): then it is as good as forgotten."""
         if order_id in working.orders:
-            return working.orders[order_id]
-        saved = self.lines[working.partition].get(f"{sku}/{order_id}")
-        # A line written after its SKU row was saved belongs to commands that will be decided
-        # again: a crash kept the line but not the row.
-        if saved is None or saved[1] > working.saved_offset:
+            line = working.orders[order_id]
+        else:
+            saved = self.lines[working.partition].get(f"{sku}/{order_id}")
+            # A line written after its SKU row was saved belongs to commands that will be
+            # decided again: a crash kept the line but not the row.
+            if saved is None or saved[1] > working.saved_offset:
+                return None
+            qty, _placed_at, cancelled_at, placed_ms = saved
+            line = OrderLine(qty, 0 <= cancelled_at <= working.saved_offset)
+            working.placed_ms[order_id] = placed_ms
+        if now_ms - working.placed_ms[order_id] > self.window_ms:
             return None
-        qty, _placed_at, cancelled_at = saved
-        return OrderLine(qty, 0 <= cancelled_at <= working.saved_offset)
+        return line
 
-    def _remember_line(self, decision: Event, partition: int, offset: int, batch: Batch) -> None:
+    def _remember_line(self, decision: Event, message: Logged, batch: Batch) -> None:
+        partition = message.partition
         if isinstance(decision, OrderProcessed):
             key = f"{decision.sku}/{decision.order_id}"
-            batch.lines.setdefault(partition, {})[key] = (decision.qty, offset, -1)
+            line = (decision.qty, message.offset, -1, message.timestamp_ms)
+            batch.lines.setdefault(partition, {})[key] = line
         elif isinstance(decision, OrderCancelled):
             key = f"{decision.sku}/{decision.order_id}"
             new = batch.lines.setdefault(partition, {})
-            qty, placed_at, _ = new.get(key) or self.lines[partition][key]
-            new[key] = (qty, placed_at, offset)
+            qty, placed_at, _, placed_ms = new.get(key) or self.lines[partition][key]
+            new[key] = (qty, placed_at, message.offset, placed_ms)
 
     async def _send_events(self, batch: Batch) -> None:
         for partition, events in batch.events.items():
@@ -382,19 +431,43 @@ class CommandHandler:
         # Order matters within a partition: a crash keeps a prefix of its changes, so its order
         # lines go first, then its SKU rows, then the offset it has handled.
         changes: dict[int, list[tuple[str, Any]]] = {}
+        # Before this batch's records join them: only records already in the table are dropped.
+        forgotten = {partition: self._forget_past_window(partition) for partition in batch.handled}
         for partition, lines in batch.lines.items():
             chunk = self.next_chunk[partition]
             self.next_chunk[partition] = chunk + 1
             changes.setdefault(partition, []).append((f"l:{partition}:{chunk}", lines))
             self.lines[partition].update(lines)
+            self.chunks[partition].append((chunk, max(line[3] for line in lines.values())))
         for sku, working in batch.skus.items():
             if working.offset != working.saved_offset:
                 row = {"available": working.available, "version": working.version, "offset": working.offset}
                 changes.setdefault(working.partition, []).append((f"s:{sku}", row))
         for partition, offset in batch.handled.items():
             changes.setdefault(partition, []).append((f"p:{partition}", offset))
+            # Last: a deletion a crash kept comes with everything before it, so no command
+            # appended before the newest one handled here will be decided again.
+            changes[partition] += forgotten[partition]
         for partition, partition_changes in changes.items():
             await self.table.write(partition, partition_changes)
+
+    def _forget_past_window(self, partition: int) -> list[tuple[str, None]]:
+        """Drop the partition's oldest l: records whose every line was placed more than the
+        cancel window (and the clock slack) before the newest command handled; their deletions.
+
+        Such a line reads as absent to every command appended since (``_order_line``), so
+        dropping it changes no decision, whenever it happens.
+        """
+        horizon = self.appended_ms[partition] - self.window_ms - min(CLOCK_SLACK_MS, self.window_ms)
+        chunks, lines = self.chunks[partition], self.lines[partition]
+        deletions: list[tuple[str, None]] = []
+        while chunks and chunks[0][1] < horizon:
+            key = f"l:{partition}:{chunks.popleft()[0]}"
+            for name, line in self.table.data[key].items():
+                if lines.get(name) is line:  # not replaced by a later record (a cancel)
+                    del lines[name]
+            deletions.append((key, None))
+        return deletions
 
     async def _park(
         self,
@@ -515,8 +588,14 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         cast(Consumer, app.consumer).committable = committable  # built by processors.transport
         async for events in batches:
             messages = [event.message for event in events]
+            handler.check_timestamp_type(messages[0].timestamp_type)
             await handler.handle_batch(
-                [Logged(m.topic, m.partition, m.offset, m.key, m.value or b"", {}) for m in messages]
+                [
+                    Logged(
+                        m.topic, m.partition, m.offset, m.key, m.value or b"", {}, round(m.timestamp * 1000)
+                    )
+                    for m in messages
+                ]
             )
             for tp in {m.tp for m in messages}:
                 handled = handler.recent[tp.partition].last_offset

@@ -37,8 +37,8 @@ class Stock(NamedTuple):
     """State of one SKU.
 
     ``orders`` and ``decided`` may be the whole history (when folded from the log) or just the
-    slice a command touches (what the processor loads from its tables): ``decide`` only looks
-    up the command's own order id and command id.
+    slice a command touches (what the processor loads from its tables, leaving out a line past
+    the cancel window): ``decide`` only looks up the command's own order id and command id.
 
     Immutable tuples rather than frozen dataclasses: the processor builds two per command, and a
     frozen dataclass takes about twice as long to build.
@@ -101,7 +101,12 @@ def _place_refusal(state: Stock, command: PlaceOrder) -> str:
 
 def _cancel_refusal(line: OrderLine | None, command: CancelOrder) -> str:
     if line is None:
-        return f"order {command.order_id} was never processed for this SKU"
+        # The processor forgets a line once the cancel window has passed, so both cases read
+        # the same, and a cancel decided again after a crash gets the same words.
+        return (
+            f"order {command.order_id} was never processed for this SKU, or was placed longer ago"
+            " than the cancel window (STOCKFLOW_CANCEL_WINDOW_S)"
+        )
     if line.cancelled:
         return f"order {command.order_id} is already cancelled"
     return ""

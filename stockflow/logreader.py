@@ -21,6 +21,7 @@ class Logged:
     key: bytes | None
     value: bytes
     headers: dict[str, bytes]
+    timestamp_ms: int  # the record's Kafka timestamp: on commands, when the broker appended it
 
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Iterator[Logged]:
@@ -86,7 +87,13 @@ def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> tup
 
 def _logged(message: Message, topic: str, partition: int, offset: int) -> Logged:
     return Logged(
-        topic, partition, offset, message.key(), message.value() or b"", _headers(message.headers() or [])
+        topic,
+        partition,
+        offset,
+        message.key(),
+        message.value() or b"",
+        _headers(message.headers() or []),
+        message.timestamp()[1],
     )
 
 

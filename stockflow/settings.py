@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # A command id seen among this many earlier commands on its partition is a retry and gets no
     # new decision. Memory grows with it (about 200 bytes per id); see README.
     dedupe_window: int = Field(default=50_000, ge=1)
+    # An order can be cancelled this long after it was placed, by the broker's append times of
+    # the two commands. The processor keeps each order line in memory (about 256 bytes) until
+    # the window has passed, so its memory is about the orders of one window; see README.
+    cancel_window_s: float = Field(default=86_400.0, ge=1)
 
     # Projection worker: how long a dead one holds its partitions, events per poll, and how
     # many order ids "recent orders" keeps per SKU.

@@ -21,6 +21,11 @@ PROCESSOR_TABLES = ("state",)
 # too, so that nothing a publisher sent is ever lost without an operator deciding so.
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 
+# The cancel window is measured between the times the broker appended two commands: in the
+# log, so a command decided again after a crash is decided the same, and from one clock, not
+# the publishers'.
+BROKER_TIMESTAMPS = {"message.timestamp.type": "LogAppendTime"}
+
 
 # A worker restores the processor's table by reading its whole changelog before it decides
 # anything, at start and whenever it takes partitions over. Kafka compacts (keeps the newest
@@ -37,7 +42,7 @@ def changelog_topic(settings: Settings, table: str) -> str:
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     configs = {
-        settings.commands_topic: {},
+        settings.commands_topic: dict(BROKER_TIMESTAMPS),
         settings.events_topic: dict(KEEP_FOREVER),
         settings.dlq_topic: dict(KEEP_FOREVER),
         settings.events_dlq_topic: dict(KEEP_FOREVER),

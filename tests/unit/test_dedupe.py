@@ -44,7 +44,7 @@ def test_memory_is_bounded_by_the_window() -> None:
 
 
 def logged(value: bytes, partition: int) -> Logged:
-    return Logged("stockflow.commands", partition, 0, None, value, {})
+    return Logged("stockflow.commands", partition, 0, None, value, {}, 0)
 
 
 def test_decided_command_ids_parks_what_the_processor_parks() -> None:
