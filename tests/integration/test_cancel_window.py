@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 
 from producers.commands import cancel_order, place_order, restock
 from producers.publisher import Publisher
-from schemas.records import Event, OrderCancelled, OrderProcessed, OrderRejected
+from projections.rebuild import database_url
+from schemas.records import Event, OrderCancelled, OrderProcessed, OrderRejected, PlaceOrder
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
-from stockflow.stack import LocalStack
+from stockflow.stack import LocalStack, ManagedProcess
 from stockflow.topics import changelog_topic, ensure_topics
-from tests.pipeline import events_for, read_topic, wait_for
+from tests.integration.test_faults import quiet_verify
+from tests.pipeline import events_for, read_events, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -23,19 +29,24 @@ WINDOW_S = 2.0
 # Lines are forgotten once the window and the clock slack (the window, when shorter than a
 # minute) have passed since they were placed, at the partition's next batch.
 FORGOTTEN_AFTER_S = 2 * WINDOW_S
+DATABASE = 12  # read models of their own: the live ones are in database 0
 
 
 @pytest.fixture
 def windowed(
     settings: Settings, unique: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    """A processor worker with a 2 s cancel window on fresh topics and group; stopped at the end."""
+    """A processor with a 2 s cancel window and a projection, on topics, groups and a Redis
+    database of their own; stopped at the end."""
     mine = settings.model_copy(
         update={
             "commands_topic": unique("commands"),
             "events_topic": unique("events"),
             "dlq_topic": unique("dlq"),
+            "events_dlq_topic": unique("events-dlq"),
             "processor_group": unique("processor"),
+            "projection_group": unique("projection"),
+            "redis_url": database_url(settings.redis_url, DATABASE),
             "cancel_window_s": WINDOW_S,
             "run_dir": tmp_path_factory.mktemp("windowed"),
         }
@@ -44,9 +55,26 @@ def windowed(
     workers = LocalStack(mine, say=lambda _msg: None)
     try:
         workers.start_workers("processor", 1)
+        workers.start_workers("projection", 1)
         yield workers
     finally:
-        workers.worker("processor", 1).stop()
+        for kind in ("processor", "projection"):
+            workers.worker(kind, 1).stop()
+        redis.Redis.from_url(mine.redis_url).flushdb()
+
+
+@pytest.fixture
+def publisher(windowed: LocalStack) -> Iterator[Publisher]:
+    publisher = Publisher(windowed.settings)
+    yield publisher
+    publisher.close()
+
+
+def sigkill(worker: ManagedProcess) -> None:
+    pid = worker.pid()
+    assert pid is not None, f"{worker.name} is not running"
+    os.kill(pid, signal.SIGKILL)
+    wait_for(f"the killed {worker.name} to be gone", lambda: not worker.running(), 10)
 
 
 def decided(settings: Settings, sku: str, count: int) -> list[Event]:
@@ -58,10 +86,9 @@ def decided(settings: Settings, sku: str, count: int) -> list[Event]:
 
 
 def test_an_order_is_cancellable_within_the_window_then_forgotten(
-    windowed: LocalStack, unique: Callable[[str], str]
+    windowed: LocalStack, publisher: Publisher, unique: Callable[[str], str]
 ) -> None:
     settings = windowed.settings
-    publisher = Publisher(settings)
     sku = unique("SKU")
     first, second = place_order(sku, 2), place_order(sku, 3)
     for command in (restock(sku, 10), first, second, cancel_order(sku, first.order_id)):
@@ -104,3 +131,45 @@ def test_an_order_is_cancellable_within_the_window_then_forgotten(
     assert isinstance(again, OrderRejected) and "cancel window" in again.reason
     assert isinstance(placed, OrderProcessed) and isinstance(cancelled, OrderCancelled)
     assert cancelled.available_after == 8
+
+
+def test_cancels_around_the_window_are_decided_the_same_after_a_processor_crash(
+    windowed: LocalStack, publisher: Publisher, unique: Callable[[str], str]
+) -> None:
+    """Orders, and cancels of orders placed up to twice the window before, for 12 s; the
+    processor is SIGKILLed after 5 s. Its successor decides again what the dead one had not
+    saved: any cancel decided otherwise the second time is a double decision or a table
+    mismatch to verify."""
+    settings = windowed.settings
+    skus = [unique(f"SKU{i}") for i in range(20)]
+    for sku in skus:
+        publisher.send(restock(sku, 1_000_000))
+    rng = random.Random(11)
+    placed: list[tuple[float, PlaceOrder]] = []
+    started = time.monotonic()
+    killed = False
+    while (now := time.monotonic()) < started + 12:
+        for _ in range(25):  # about 250 commands/s
+            recent = [order for at, order in placed[-600:] if at >= now - 2 * WINDOW_S]
+            if recent and rng.random() < 0.4:
+                order = rng.choice(recent)
+                publisher.send(cancel_order(order.sku, order.order_id))
+            else:
+                order = place_order(rng.choice(skus), 1)
+                placed.append((now, order))
+                publisher.send(order)
+        publisher.poll()
+        if not killed and now > started + 5:
+            sigkill(windowed.worker("processor", 1))
+            killed = True
+        time.sleep(0.1)
+    assert publisher.flush(30) == 0
+    windowed.start_workers("processor", 1)
+
+    report = quiet_verify(settings, 180)
+    print(f"after the SIGKILL: {report.repeated_events} decisions made again, the same")
+    assert report.problems == []
+    events = read_events(settings)
+    cancelled = sum(isinstance(e, OrderCancelled) for e in events)
+    too_late = sum(isinstance(e, OrderRejected) and "cancel window" in e.reason for e in events)
+    assert cancelled > 100 and too_late > 100, (cancelled, too_late)
