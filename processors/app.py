@@ -448,6 +448,7 @@ class CommandHandler:
             # Last: a deletion a crash kept comes with everything before it, so no command
             # appended before the newest one handled here will be decided again.
             changes[partition] += forgotten[partition]
+            metrics.ORDER_LINES.labels(partition).set(len(self.lines[partition]))
         for partition, partition_changes in changes.items():
             await self.table.write(partition, partition_changes)
 

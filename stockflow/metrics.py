@@ -41,6 +41,11 @@ VISIBLE_LATENCY = Histogram(
     "Command created -> its event visible in Redis (one sample per message: a frame counts once)",
     buckets=LATENCY_BUCKETS,
 )
+ORDER_LINES = Gauge(
+    "stockflow_order_lines",
+    "Order lines a processor worker holds for cancels, about 256 bytes each (STOCKFLOW_CANCEL_WINDOW_S)",
+    ["partition"],
+)
 PAUSED_PARTITIONS = Gauge(
     "stockflow_paused_partitions", "Partitions a projection worker stopped fetching while Redis is behind"
 )

@@ -62,6 +62,7 @@ def test_workers_count_decisions_projections_and_latency(
     assert decided['stockflow_commands_decided_total{outcome="OrderRejected"}'] >= 1
     assert decided["stockflow_command_decided_seconds_count"] >= 4
     assert any(key.startswith("stockflow_consumer_lag{") for key in decided)
+    assert total(decided, "stockflow_order_lines") >= 2  # held for cancels
     wait_for(
         "the projection's counters",
         lambda: total(scrape(projection), "stockflow_events_projected_total") >= before_projected + 4,
