@@ -63,7 +63,11 @@ def serve(settings: Settings, kind: str) -> str:
     folder = settings.run_dir / "metrics"
     folder.mkdir(parents=True, exist_ok=True)
     record = folder / f"{kind}-{socket.gethostname()}-{os.getpid()}.url"
-    record.write_text(url + "\n")
+    # Written aside, then renamed into place: readers (the bench, twenty times a second) found
+    # the record created but still empty, and failed on the URL ''.
+    partial = record.with_suffix(".partial")
+    partial.write_text(url + "\n")
+    partial.replace(record)
     atexit.register(record.unlink, missing_ok=True)
     return url
 
