@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,9 +16,9 @@ from projections.rebuild import database_url
 from schemas.records import Event, OrderCancelled, OrderProcessed, OrderRejected, PlaceOrder
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
-from stockflow.stack import LocalStack, ManagedProcess
+from stockflow.stack import LocalStack
 from stockflow.topics import changelog_topic, ensure_topics
-from tests.integration.test_faults import quiet_verify
+from tests.integration.test_faults import kill_and_restart, quiet_verify
 from tests.pipeline import events_for, read_events, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
@@ -68,13 +66,6 @@ def publisher(windowed: LocalStack) -> Iterator[Publisher]:
     publisher = Publisher(windowed.settings)
     yield publisher
     publisher.close()
-
-
-def sigkill(worker: ManagedProcess) -> None:
-    pid = worker.pid()
-    assert pid is not None, f"{worker.name} is not running"
-    os.kill(pid, signal.SIGKILL)
-    wait_for(f"the killed {worker.name} to be gone", lambda: not worker.running(), 10)
 
 
 def decided(settings: Settings, sku: str, count: int) -> list[Event]:
@@ -145,7 +136,7 @@ def test_cancels_around_the_window_are_decided_the_same_after_a_crash_and_from_s
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Orders, and cancels of orders placed up to twice the window before, for 12 s; the
-    processor is SIGKILLed after 5 s. Its successor decides again what the dead one had not
+    processor is SIGKILLed after 5 s and started again. Its successor decides again what the dead one had not
     saved: any cancel decided otherwise the second time is a double decision or a table
     mismatch to verify. Then a second processor decides the same commands from scratch, long
     after every window has passed by the clock: it must decide exactly the same."""
@@ -169,11 +160,10 @@ def test_cancels_around_the_window_are_decided_the_same_after_a_crash_and_from_s
                 publisher.send(order)
         publisher.poll()
         if not killed and now > started + 5:
-            sigkill(windowed.worker("processor", 1))
+            kill_and_restart(windowed, "processor")
             killed = True
         time.sleep(0.1)
     assert publisher.flush(30) == 0
-    windowed.start_workers("processor", 1)
 
     report = quiet_verify(settings, 180)
     print(f"after the SIGKILL: {report.repeated_events} decisions made again, the same")
