@@ -136,9 +136,9 @@ def test_cancels_around_the_window_are_decided_the_same_after_a_crash_and_from_s
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Orders, and cancels of orders placed up to twice the window before, for 12 s; the
-    processor is SIGKILLed after 5 s and started again. Its successor decides again what the dead one had not
-    saved: any cancel decided otherwise the second time is a double decision or a table
-    mismatch to verify. Then a second processor decides the same commands from scratch, long
+    processor is SIGKILLed after 5 s and started again. Its successor decides again what the
+    dead one had not saved: any cancel decided otherwise the second time is a double decision
+    or a table mismatch to verify. Then a second processor decides the same commands from scratch, long
     after every window has passed by the clock: it must decide exactly the same."""
     settings = windowed.settings
     skus = [unique(f"SKU{i}") for i in range(20)]
