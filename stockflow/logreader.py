@@ -1,13 +1,14 @@
-"""Read a topic from its start to its current end: for verify, tests and operators."""
+"""Read a topic from its start to its current end: for verify, tests, operators and the
+processor's restore of its table."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from stockflow.errors import StackError
 from stockflow.settings import Settings
@@ -130,5 +131,67 @@ def read_range(settings: Settings, topic: str, partition: int, start: int, end: 
             if offset == end - 1:
                 return records
         raise StackError(f"could not read {topic}[{partition}] offsets {start}..{end - 1} within 60s")
+    finally:
+        consumer.close()
+
+
+@dataclass
+class Latest:
+    """What one partition of a compacted topic holds, read from its start to its end."""
+
+    values: dict[bytes, bytes | None] = field(default_factory=dict)  # key -> last value; None: deleted
+    last_offset: int = -1  # of the last record read; the end offset less one if none was
+    records: int = 0  # records read, each key's superseded values included
+
+
+def read_latest(
+    settings: Settings, topic: str, partitions: Iterable[int], timeout_s: float = 30.0
+) -> dict[int, Latest]:
+    """Each key's last value in each of ``partitions`` of ``topic``, to the partition's end.
+
+    Read in batches of thousands of records, the way a compacted changelog is restored: each
+    partition ends at the end-of-partition event, so records deleted by the log cleaner at
+    its tail cannot leave the reader waiting for an offset that no longer exists.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"stockflow-reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        latest: dict[int, Latest] = {}
+        starts = []
+        for partition in partitions:
+            low, high = _watermarks(consumer, TopicPartition(topic, partition), timeout_s)
+            latest[partition] = Latest(last_offset=high - 1)
+            if high > low:
+                starts.append(TopicPartition(topic, partition, low))
+        unfinished = {start.partition for start in starts}
+        consumer.assign(starts)
+        stall_at = time.monotonic() + timeout_s
+        while unfinished:
+            # consume() returns once it has this many records, or after its timeout: a short
+            # one, or the last records would wait for it.
+            messages = consumer.consume(10_000, 0.1)
+            if messages:
+                stall_at = time.monotonic() + timeout_s
+            elif time.monotonic() > stall_at:
+                raise StackError(f"reading {topic} stalled with partitions {sorted(unfinished)} unfinished")
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        unfinished.discard(message.partition())
+                    continue
+                number, offset, key = message.partition(), message.offset(), message.key()
+                assert number is not None and offset is not None and key is not None
+                part = latest[number]
+                part.values[key] = message.value()
+                part.records += 1
+                part.last_offset = max(part.last_offset, offset)
+        return latest
     finally:
         consumer.close()
