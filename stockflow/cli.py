@@ -122,7 +122,17 @@ def worker_processor(
     data_dir = settings.run_dir / "processor" / f"{socket.gethostname()}-{os.getpid()}"
     faust_app = create_app(settings, data_dir, web_port)
     print(f"metrics: {serve_metrics(settings, 'processor')}", flush=True)
-    worker = faust.Worker(faust_app, loglevel="WARN")
+
+    class Worker(faust.Worker):
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            # Faust logs a screenful per rebalance at INFO; the processor's own INFO lines (a
+            # table restored, a partition taken over, with counts and times) are worth reading.
+            logging.getLogger("processors").setLevel(logging.INFO)
+            for handler in logger.handlers:
+                handler.setLevel(logging.INFO)
+
+    worker = Worker(faust_app, loglevel="WARN")
     # Faust's terminal spinner sets the root logger to DEBUG to spin on every record: every
     # per-message debug call in Faust and aiokafka then builds a record (about 10% of the CPU).
     worker.spinner = None
