@@ -618,9 +618,11 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         # The committed offset is what lag, `stockflow status` and publishers' backpressure
         # read; Faust's default of 2.8 s makes it trail far behind the work done.
         broker_commit_interval=0.5,
-        # No standby copies of other workers' partitions: Faust keeps them up to date through
-        # its slow recovery path, all the time, and its memory store reads a standby made
-        # active from the start anyway. A worker given a partition restores it in seconds.
+        # No standby copies of other workers' partitions: Faust would keep them current record
+        # by record through its recovery path, and a standby made active is read from its
+        # start anyway (the memory store has no persisted offset). A worker given a partition
+        # restores it in seconds (StateTable). Workers on one host were given no standbys
+        # even at Faust's default of 1 (checked with two): this matters across hosts.
         table_standby_replicas=0,
         broker_session_timeout=settings.processor_session_timeout_s,
         broker_client_id=f"stockflow-processor-{socket.gethostname()}-{os.getpid()}",
