@@ -21,8 +21,9 @@ Processing guarantee: Faust's at-least-once, made exact for decisions.
   survive is decided again from the same prior state, giving the same event (same id, same
   version), which every reader drops as a repeat.
 - Retries (the same command id published again) are recognised within a bounded window of
-  recent commands per partition, rebuilt from the commands topic when a worker takes a
-  partition over (``processors.dedupe``).
+  recent commands per partition, whose ids each batch saves in the table; a worker taking a
+  partition over reads what they do not cover back from the commands topic
+  (``processors.dedupe``).
 - Faust's stream was seen to start past unhandled commands after a worker was SIGKILLed and
   replaced; the handler notices the jump and reads the missed range from Kafka first.
 """
@@ -232,6 +233,7 @@ class Batch:
     events: dict[int, list[Event]] = field(default_factory=dict)  # partition -> events, in order
     deliveries: list[Awaitable[Any]] = field(default_factory=list)
     handled: dict[int, int] = field(default_factory=dict)  # partition -> last offset handled
+    first: dict[int, int] = field(default_factory=dict)  # partition -> first offset handled
     commands: int = 0
 
 
@@ -244,6 +246,9 @@ class CommandHandler:
       a cancel needs; n counts up, and a later record's line replaces an earlier one. A record
       is deleted once every line in it is past the cancel window: a cancel could not reach
       them, so memory holds about one window of orders
+    - ``r:<partition>:<n>``: ``[first, last, ids]``, the ids of the commands a batch decided on
+      the partition (the retry window's), from the messages at offsets first..last. The oldest
+      records are deleted while the newer ones still hold a window's worth of ids
     - ``p:<partition>``: offset of the last command message handled on that partition
 
     Reads go to ``table.data`` (the store) directly: a Table's own get() takes a slow path
@@ -271,6 +276,12 @@ class CommandHandler:
         self.window_ms = round(settings.cancel_window_s * 1000)
         self.timestamps_checked = False
         self.recent: dict[int, RecentCommands] = {}
+        # partition -> (n, how many ids) of each of its r: records, oldest first; their ids in
+        # all; the n of its next one; records a crash left ahead of the handled offset
+        self.id_records: dict[int, deque[tuple[int, int]]] = {}
+        self.saved_ids: dict[int, int] = {}
+        self.next_id_record: dict[int, int] = {}
+        self.stale_id_records: dict[int, list[str]] = {}
         self.last_batch_at = time.monotonic()
 
     def check_timestamp_type(self, timestamp_type: int) -> None:
@@ -323,17 +334,45 @@ class CommandHandler:
         if recent is not None and recent.last_offset == handled and partition not in self.table.reloaded:
             return
         self.table.reloaded.discard(partition)
-        recent = RecentCommands(self.settings.dedupe_window, last_offset=handled)
-        for command_id in await self._recent_ids(partition, handled):
+        size = self.settings.dedupe_window
+        saved, first = self._index_ids(partition, handled)
+        # What the saved ids do not cover, older commands read back from the log.
+        older = await self._recent_ids(partition, first - 1, size - len(saved)) if len(saved) < size else []
+        recent = RecentCommands(size, last_offset=handled)
+        for command_id in (older + saved)[-size:]:
             recent.handled(handled, command_id)
+        recent.take_unsaved()  # saved already
         self.recent[partition] = recent
         self._index_lines(partition)
         log.info(
-            "partition %s: resuming after offset %s with %s recent command ids",
+            "partition %s: resuming after offset %s with %s recent command ids (%s read from the log)",
             partition,
             handled,
             len(recent),
+            len(older),
         )
+
+    def _index_ids(self, partition: int, handled: int) -> tuple[list[str], int]:
+        """The retry window's ids the table holds for the partition, oldest first, and the
+        offset of the first message they cover (``handled`` + 1 if none).
+
+        A record of a batch past the handled offset was saved by a worker that crashed before
+        the batch's offset was: its commands will be decided again, and saved again in a new
+        record, so it is deleted.
+        """
+        prefix = f"r:{partition}:"
+        records = sorted(
+            (int(key[len(prefix) :]), value)
+            for key, value in self.table.data.items()
+            if key.startswith(prefix)
+        )
+        valid = [(n, first, ids) for n, (first, last, ids) in records if last <= handled]
+        self.stale_id_records[partition] = [f"{prefix}{n}" for n, (_f, last, _i) in records if last > handled]
+        self.id_records[partition] = deque((n, len(ids)) for n, _first, ids in valid)
+        self.saved_ids[partition] = sum(len(ids) for _n, _first, ids in valid)
+        self.next_id_record[partition] = records[-1][0] + 1 if records else 0
+        saved = [command_id for _n, _first, ids in valid for command_id in ids]
+        return saved, valid[0][1] if valid else handled + 1
 
     def _index_lines(self, partition: int) -> None:
         """Index the partition's order lines as the table holds them, newest record last."""
@@ -355,13 +394,12 @@ class CommandHandler:
         self.lines[partition] = lines
         self.next_chunk[partition] = chunks[-1][0] + 1 if chunks else 0
 
-    async def _recent_ids(self, partition: int, handled: int) -> list[str]:
-        """The ids of the last ``dedupe_window`` commands decided up to offset ``handled``.
+    async def _recent_ids(self, partition: int, handled: int, size: int) -> list[str]:
+        """The ids of the last ``size`` commands decided up to offset ``handled``, from the log.
 
         Read backwards in steps, as many messages as the commands still missing need at the
         commands-per-message seen so far: a window of batch frames is a few messages.
         """
-        size = self.settings.dedupe_window
         chunks: list[list[str]] = []
         found, end, step = 0, handled + 1, min(size, 100)
         while found < size and end > 0:
@@ -417,6 +455,7 @@ class CommandHandler:
                 # ms of each other, and a sample per command cost the processor 7% of its time.
                 metrics.DECIDED_LATENCY.observe(time.time() - command.occurred_at / 1000)
                 sampled = True
+        batch.first.setdefault(message.partition, message.offset)
         batch.handled[message.partition] = message.offset
 
     def _decide(self, command: Command, message: Logged, batch: Batch) -> bool:
@@ -512,6 +551,8 @@ class CommandHandler:
             changes.setdefault(partition, []).append((f"l:{partition}:{chunk}", lines))
             self.lines[partition].update(lines)
             self.chunks[partition].append((chunk, max(line[3] for line in lines.values())))
+        for partition, last in batch.handled.items():
+            changes.setdefault(partition, []).extend(self._save_ids(partition, batch.first[partition], last))
         for sku, working in batch.skus.items():
             if working.offset != working.saved_offset:
                 row = {"available": working.available, "version": working.version, "offset": working.offset}
@@ -520,10 +561,35 @@ class CommandHandler:
             changes.setdefault(partition, []).append((f"p:{partition}", offset))
             # Last: a deletion a crash kept comes with everything before it, so no command
             # appended before the newest one handled here will be decided again.
-            changes[partition] += forgotten[partition]
+            changes[partition] += forgotten[partition] + self._trim_ids(partition)
             metrics.ORDER_LINES.labels(partition).set(len(self.lines[partition]))
         for partition, partition_changes in changes.items():
             await self.table.write(partition, partition_changes)
+
+    def _save_ids(self, partition: int, first: int, last: int) -> list[tuple[str, Any]]:
+        """The batch's retry-window ids as an r: record, after deleting any a crash left stale
+        (before the partition's handled offset moves past them, or they would look valid)."""
+        changes: list[tuple[str, Any]] = [(key, None) for key in self.stale_id_records[partition]]
+        self.stale_id_records[partition] = []
+        ids = self.recent[partition].take_unsaved()
+        if ids:
+            n = self.next_id_record[partition]
+            self.next_id_record[partition] = n + 1
+            changes.append((f"r:{partition}:{n}", [first, last, ids]))
+            self.id_records[partition].append((n, len(ids)))
+            self.saved_ids[partition] += len(ids)
+        return changes
+
+    def _trim_ids(self, partition: int) -> list[tuple[str, None]]:
+        """Delete the partition's oldest r: records the newer ones no longer need: those still
+        hold a whole window. Written after the handled offset, as the records that replace
+        them are before it."""
+        records, deletions = self.id_records[partition], []
+        while records and self.saved_ids[partition] - records[0][1] >= self.settings.dedupe_window:
+            n, count = records.popleft()
+            self.saved_ids[partition] -= count
+            deletions.append((f"r:{partition}:{n}", None))
+        return deletions
 
     def _forget_past_window(self, partition: int) -> list[tuple[str, None]]:
         """Drop the partition's oldest l: records whose every line was placed more than the

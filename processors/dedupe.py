@@ -3,8 +3,9 @@
 A publisher that times out and sends a command again (same command id) must not get a second
 decision. The processor recognises such a retry if the first copy is among the last
 ``STOCKFLOW_DEDUPE_WINDOW`` commands decided on its partition. The window is bounded, so memory
-is too, and it needs no storage of its own: a worker taking a partition over rebuilds it by
-reading those commands back from the commands topic.
+is too. The processor saves each batch's ids in its table (``processors.app``), so a worker
+taking a partition over finds them there; what they do not cover (a table written before they
+were saved, a larger window) it reads back from the commands topic.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ class RecentCommands:
         self.last_offset = last_offset  # the last command message handled
         self._ids: deque[str] = deque()
         self._copies: dict[str, int] = {}
+        self._unsaved: list[str] = []  # ids added since the last take_unsaved()
 
     def handled(self, offset: int, command_id: str | None) -> None:
         """Record a command of the message at ``offset``: its id, or None if it was parked."""
         self.last_offset = offset
         if command_id is None:
             return
+        self._unsaved.append(command_id)
         self._ids.append(command_id)
         self._copies[command_id] = self._copies.get(command_id, 0) + 1
         if len(self._ids) > self.size:
@@ -44,6 +47,11 @@ class RecentCommands:
                 del self._copies[leaving]
             else:
                 self._copies[leaving] -= 1  # a retry since then keeps it in the window
+
+    def take_unsaved(self) -> list[str]:
+        """The ids added since the last call, in order: what the processor saves with a batch."""
+        unsaved, self._unsaved = self._unsaved, []
+        return unsaved
 
     def __contains__(self, command_id: str) -> bool:
         return command_id in self._copies

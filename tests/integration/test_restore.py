@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from confluent_kafka import Producer
@@ -13,9 +14,10 @@ from producers.commands import cancel_order, place_order, restock
 from producers.publisher import Publisher
 from schemas.records import Event, OrderCancelled, OrderProcessed, OrderRejected, StockReplenished
 from stockflow.logreader import read_latest
+from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
-from stockflow.topics import admin_client
+from stockflow.topics import PROCESSOR_TABLES, admin_client, changelog_topic, ensure_topics
 from tests.pipeline import events_for, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
@@ -83,3 +85,87 @@ def test_a_restarted_processor_goes_on_from_its_restored_table_deciding_nothing_
     ]
     assert (events[3].available_after, events[4].available_after) == (5, 7)
     assert max(Counter(event.event_id for event in events).values()) == 1
+
+
+WINDOW = 30  # the retry window of the processor below, in commands
+
+
+@pytest.fixture
+def small_window(
+    settings: Settings, unique: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    """A processor with a retry window of 30 commands, on topics and a group of its own."""
+    mine = settings.model_copy(
+        update={
+            "commands_topic": unique("commands"),
+            "events_topic": unique("events"),
+            "dlq_topic": unique("dlq"),
+            "events_dlq_topic": unique("events-dlq"),
+            "processor_group": unique("processor"),
+            "dedupe_window": WINDOW,
+            "run_dir": tmp_path_factory.mktemp("small-window"),
+        }
+    )
+    ensure_topics(mine)
+    workers = LocalStack(mine, say=lambda _msg: None)
+    try:
+        workers.start_workers("processor", 1)
+        yield workers
+    finally:
+        workers.worker("processor", 1).stop()
+
+
+def decisions(settings: Settings, sku: str, count: int) -> Callable[[], list[Event] | None]:
+    def probe() -> list[Event] | None:
+        events = events_for(settings, sku)
+        return events if len(events) == count else None
+
+    return probe
+
+
+def test_a_restarted_processor_finds_its_retry_window_in_its_table(
+    small_window: LocalStack, unique: Callable[[str], str]
+) -> None:
+    settings = small_window.settings
+    sku = unique("WINDOW")
+    partition = partition_for(sku.encode(), settings.partitions)
+    publisher = Publisher(settings)
+    publisher.publish(restock(sku, 1000))
+    orders = [place_order(sku, 1, order_id=unique(f"o{i}")) for i in range(50)]
+    for start in range(0, len(orders), 7):  # one batch at a time: an r: record each
+        publisher.send_many(orders[start : start + 7])
+        assert publisher.flush(30) == 0
+        wait_for("the batch to be decided", decisions(settings, sku, 1 + len(orders[: start + 7])), 90)
+
+    # The changelog keeps the newest records that hold a window's ids, and no older one.
+    latest = read_latest(settings, changelog_topic(settings, PROCESSOR_TABLES[0]), [partition])[partition]
+    prefix = f'"r:{partition}:'.encode()
+    records = sorted(
+        (int(key[len(prefix) : -1]), json.loads(value))
+        for key, value in latest.values.items()
+        if key.startswith(prefix) and value is not None
+    )
+    held = sum(len(ids) for _n, (_first, _last, ids) in records)
+    assert held >= WINDOW and held - len(records[0][1][2]) < WINDOW
+
+    processor = small_window.worker("processor", 1)
+    assert processor.stop()
+    small_window.start_workers("processor", 1)
+    for order in orders[-10:]:
+        publisher.publish(order)  # retries of commands inside the window: no new decision
+    after = place_order(sku, 1, order_id=unique("after"))
+    publisher.publish(after)
+    publisher.close()
+
+    def after_decided() -> list[Event] | None:
+        events = events_for(settings, sku)
+        return events if any(event.command_id == after.command_id for event in events) else None
+
+    # The retries were appended before it, on its partition: decided, they would be in the log.
+    assert len(wait_for("the order after the retries to be decided", after_decided, 90)) == 52
+    resumed = [
+        line
+        for line in processor.log_file.read_text().splitlines()
+        if f"partition {partition}: resum" in line
+    ]
+    assert f"with {WINDOW} recent command ids (0 read from the log)" in resumed[-1]

@@ -35,6 +35,18 @@ def test_a_retry_inside_the_window_keeps_the_id_longer() -> None:
     assert "a" not in recent and len(recent) == 2
 
 
+def test_the_ids_added_since_the_last_take_are_handed_out_once_in_order() -> None:
+    recent = RecentCommands(size=2, last_offset=-1)
+    recent.handled(0, "a")
+    recent.handled(0, None)  # parked: not in the window, so not saved with it
+    recent.handled(1, "b")
+    recent.handled(2, "c")  # "a" has left the window, but it was decided in this batch
+    assert recent.take_unsaved() == ["a", "b", "c"]
+    recent.handled(3, "b")  # a retry is in the window again
+    assert recent.take_unsaved() == ["b"]
+    assert recent.take_unsaved() == []
+
+
 def test_memory_is_bounded_by_the_window() -> None:
     recent = RecentCommands(size=1000, last_offset=-1)
     for offset in range(100_000):
