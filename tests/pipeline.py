@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from schemas.codec import codec
 from schemas.records import Event
@@ -38,3 +39,12 @@ def read_events(settings: Settings) -> list[Event]:
 
 def events_for(settings: Settings, sku: str) -> list[Event]:
     return [event for event in read_events(settings) if event.sku == sku]
+
+
+def own_settings(settings: Settings, unique: Callable[[str], str], run_dir: Path, **update: Any) -> Settings:
+    """``settings`` for workers of a test's own: topics, consumer groups and a run dir of their
+    own (so their pid files and logs are theirs), and ``update``."""
+    names = ("commands", "events", "dlq", "events-dlq")
+    topics = {f"{name.replace('-', '_')}_topic": unique(name) for name in names}
+    groups = {"processor_group": unique("processor"), "projection_group": unique("projection")}
+    return settings.model_copy(update={**topics, **groups, "run_dir": run_dir, **update})

@@ -19,7 +19,7 @@ from stockflow.settings import Settings
 from stockflow.stack import LocalStack
 from stockflow.topics import changelog_topic, ensure_topics
 from tests.integration.test_faults import kill_and_restart, quiet_verify
-from tests.pipeline import events_for, read_events, read_topic, wait_for
+from tests.pipeline import events_for, own_settings, read_events, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -36,18 +36,12 @@ def windowed(
 ) -> Iterator[LocalStack]:
     """A processor with a 2 s cancel window and a projection, on topics, groups and a Redis
     database of their own; stopped at the end."""
-    mine = settings.model_copy(
-        update={
-            "commands_topic": unique("commands"),
-            "events_topic": unique("events"),
-            "dlq_topic": unique("dlq"),
-            "events_dlq_topic": unique("events-dlq"),
-            "processor_group": unique("processor"),
-            "projection_group": unique("projection"),
-            "redis_url": database_url(settings.redis_url, DATABASE),
-            "cancel_window_s": WINDOW_S,
-            "run_dir": tmp_path_factory.mktemp("windowed"),
-        }
+    mine = own_settings(
+        settings,
+        unique,
+        tmp_path_factory.mktemp("windowed"),
+        redis_url=database_url(settings.redis_url, DATABASE),
+        cancel_window_s=WINDOW_S,
     )
     ensure_topics(mine)
     workers = LocalStack(mine, say=lambda _msg: None)

@@ -18,7 +18,7 @@ from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
 from stockflow.topics import PROCESSOR_TABLES, admin_client, changelog_topic, ensure_topics
-from tests.pipeline import events_for, wait_for
+from tests.pipeline import events_for, own_settings, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -95,17 +95,7 @@ def small_window(
     settings: Settings, unique: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
     """A processor with a retry window of 30 commands, on topics and a group of its own."""
-    mine = settings.model_copy(
-        update={
-            "commands_topic": unique("commands"),
-            "events_topic": unique("events"),
-            "dlq_topic": unique("dlq"),
-            "events_dlq_topic": unique("events-dlq"),
-            "processor_group": unique("processor"),
-            "dedupe_window": WINDOW,
-            "run_dir": tmp_path_factory.mktemp("small-window"),
-        }
-    )
+    mine = own_settings(settings, unique, tmp_path_factory.mktemp("small-window"), dedupe_window=WINDOW)
     ensure_topics(mine)
     workers = LocalStack(mine, say=lambda _msg: None)
     try:
