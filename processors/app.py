@@ -361,11 +361,7 @@ class CommandHandler:
         record, so it is deleted.
         """
         prefix = f"r:{partition}:"
-        records = sorted(
-            (int(key[len(prefix) :]), value)
-            for key, value in self.table.data.items()
-            if key.startswith(prefix)
-        )
+        records = self._numbered(prefix)
         valid = [(n, first, ids) for n, (first, last, ids) in records if last <= handled]
         self.stale_id_records[partition] = [f"{prefix}{n}" for n, (_f, last, _i) in records if last > handled]
         self.id_records[partition] = deque((n, len(ids)) for n, _first, ids in valid)
@@ -377,11 +373,7 @@ class CommandHandler:
     def _index_lines(self, partition: int) -> None:
         """Index the partition's order lines as the table holds them, newest record last."""
         prefix = f"l:{partition}:"
-        chunks = sorted(
-            (int(key[len(prefix) :]), value)
-            for key, value in self.table.data.items()
-            if key.startswith(prefix)
-        )
+        chunks = self._numbered(prefix)
         lines: dict[str, Line] = {}
         self.chunks[partition] = deque()
         for n, restored in chunks:
@@ -393,6 +385,14 @@ class CommandHandler:
             self.chunks[partition].append((n, max((line[3] for line in chunk.values()), default=0)))
         self.lines[partition] = lines
         self.next_chunk[partition] = chunks[-1][0] + 1 if chunks else 0
+
+    def _numbered(self, prefix: str) -> list[tuple[int, Any]]:
+        """(n, value) of the table's ``<prefix><n>`` records (l: or r: of a partition), by n."""
+        return sorted(
+            (int(key[len(prefix) :]), value)
+            for key, value in self.table.data.items()
+            if key.startswith(prefix)
+        )
 
     async def _recent_ids(self, partition: int, handled: int, size: int) -> list[str]:
         """The ids of the last ``size`` commands decided up to offset ``handled``, from the log.

@@ -27,14 +27,7 @@ class Logged:
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Iterator[Logged]:
     """Every record in ``topic`` up to the end offsets it has when reading starts."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"stockflow-reader-{uuid.uuid4().hex}",  # never commits: leaves no trace
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }
-    )
+    consumer = _reader(settings, {"enable.partition.eof": False})
     try:
         ends = end_offsets(settings, topic, timeout_s)
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
@@ -51,6 +44,14 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Itera
             yield _logged(message, topic, partition, offset)
     finally:
         consumer.close()
+
+
+def _reader(settings: Settings, options: dict[str, bool | str]) -> Consumer:
+    """A consumer of assigned partitions in a group of its own that never commits: it leaves no
+    trace in the broker."""
+    group = f"stockflow-reader-{uuid.uuid4().hex}"
+    config = {"bootstrap.servers": settings.bootstrap_servers, "group.id": group, "enable.auto.commit": False}
+    return Consumer(config | options)
 
 
 def end_offsets(settings: Settings, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
@@ -107,14 +108,7 @@ def _headers(
 
 def read_range(settings: Settings, topic: str, partition: int, start: int, end: int) -> list[Logged]:
     """The records of one partition with offsets in [start, end), in offset order."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"stockflow-reader-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",  # start is gone by retention: read what is left
-        }
-    )
+    consumer = _reader(settings, {"auto.offset.reset": "earliest"})  # start gone: read what is left
     records: list[Logged] = []
     try:
         consumer.assign([TopicPartition(topic, partition, start)])
@@ -153,14 +147,7 @@ def read_latest(
     partition ends at the end-of-partition event, so records deleted by the log cleaner at
     its tail cannot leave the reader waiting for an offset that no longer exists.
     """
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"stockflow-reader-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
+    consumer = _reader(settings, {"enable.partition.eof": True})
     try:
         latest: dict[int, Latest] = {}
         starts = []
