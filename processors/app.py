@@ -72,7 +72,10 @@ log = logging.getLogger(__name__)
 # Reads the records of one partition of the commands topic with offsets in [start, end).
 ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
 
-COMPACT = (",", ":")  # JSON separators, as Faust writes its table changelogs
+# JSON as Faust writes its table changelogs (compact separators). One encoder for every write:
+# json.dumps with separators= builds a new encoder per call, which cost 2 us of the 2.3 a key
+# took, and a batch writes one record per SKU it touched.
+to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 # An order line as the table keeps it: (qty, placed_at, cancelled_at, placed_ms): the offsets of
 # the commands that placed and cancelled it (-1 = not yet), and when the broker appended the one
@@ -190,7 +193,7 @@ class StateTable(faust.Table[str, Any]):
         data, key_partition = store.data, store._key_partition
         batch = producer.create_batch()
         for key, value in changes:
-            key_bytes = json.dumps(key, separators=COMPACT).encode()
+            key_bytes = to_json(key).encode()
             value_bytes = None
             if value is None:  # a deletion: a tombstone in the changelog
                 data.pop(key, None)
@@ -198,7 +201,7 @@ class StateTable(faust.Table[str, Any]):
             else:
                 data[key] = value
                 key_partition[key] = partition
-                value_bytes = json.dumps(value, separators=COMPACT).encode()
+                value_bytes = to_json(value).encode()
             # None: the batch is full. Send it and start another, which takes any one record.
             while batch.append(key=key_bytes, value=value_bytes, timestamp=None) is None:
                 await producer.send_batch(batch, topic, partition=partition)
