@@ -341,10 +341,7 @@ class CommandHandler:
         saved, first = self._index_ids(partition, handled)
         # What the saved ids do not cover, older commands read back from the log.
         older = await self._recent_ids(partition, first - 1, size - len(saved)) if len(saved) < size else []
-        recent = RecentCommands(size, last_offset=handled)
-        for command_id in (older + saved)[-size:]:
-            recent.handled(handled, command_id)
-        recent.take_unsaved()  # saved already
+        recent = RecentCommands(size, last_offset=handled, saved=(older + saved)[-size:])
         self.recent[partition] = recent
         self._index_lines(partition)
         log.info(

@@ -11,6 +11,7 @@ were saved, a larger window) it reads back from the commands topic.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 from schemas.codec import codec
 from schemas.records import Command, validate_command
@@ -26,11 +27,15 @@ class RecentCommands:
     the ids in log order, and how many times each is in it, for the lookup.
     """
 
-    def __init__(self, size: int, last_offset: int) -> None:
+    def __init__(self, size: int, last_offset: int, saved: Iterable[str] = ()) -> None:
+        """``saved``: ids of commands decided up to ``last_offset``, oldest first, that need no
+        saving (a worker taking the partition over found them in its table or the log)."""
         self.size = size
         self.last_offset = last_offset  # the last command message handled
         self._ids: deque[str] = deque()
         self._copies: dict[str, int] = {}
+        for command_id in saved:
+            self._add(command_id)
         self._unsaved: list[str] = []  # ids added since the last take_unsaved()
 
     def handled(self, offset: int, command_id: str | None) -> None:
@@ -39,6 +44,9 @@ class RecentCommands:
         if command_id is None:
             return
         self._unsaved.append(command_id)
+        self._add(command_id)
+
+    def _add(self, command_id: str) -> None:
         self._ids.append(command_id)
         self._copies[command_id] = self._copies.get(command_id, 0) + 1
         if len(self._ids) > self.size:

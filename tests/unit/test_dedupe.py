@@ -47,6 +47,15 @@ def test_the_ids_added_since_the_last_take_are_handed_out_once_in_order() -> Non
     assert recent.take_unsaved() == []
 
 
+def test_ids_found_at_a_take_over_count_as_recent_but_are_not_saved_again() -> None:
+    recent = RecentCommands(size=2, last_offset=9, saved=["a", "b", "c"])
+    assert "a" not in recent and "b" in recent and "c" in recent
+    assert recent.take_unsaved() == []
+    recent.handled(10, "d")
+    assert recent.take_unsaved() == ["d"]
+    assert "b" not in recent and recent.last_offset == 10
+
+
 def test_memory_is_bounded_by_the_window() -> None:
     recent = RecentCommands(size=1000, last_offset=-1)
     for offset in range(100_000):
