@@ -330,6 +330,13 @@ class CommandHandler:
         saved = self.table.data.get(f"p:{partition}")
         return -1 if saved is None else int(saved)
 
+    def handled_offset(self, partition: int) -> int:
+        """The offset of the last command message handled on ``partition``: as this worker's
+        batches left it, else as its table has it (no batch has reached the partition since it
+        was assigned, as on a restarted worker with no new commands)."""
+        recent = self.recent.get(partition)
+        return recent.last_offset if recent is not None else self.saved_offset(partition)
+
     async def _take_over_if_needed(self, partition: int) -> None:
         """Rebuild a partition's retry window unless this worker has handled it all along."""
         handled = self.saved_offset(partition)
@@ -781,9 +788,7 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
             return
         waiting = {}
         for tp in commands:
-            recent = handler.recent.get(tp.partition)
-            handled = recent.last_offset if recent is not None else -1
-            waiting[tp.partition] = ends.get(tp, 0) - handled - 1
+            waiting[tp.partition] = ends.get(tp, 0) - handler.handled_offset(tp.partition) - 1
         if stalled(waiting, idle_s, settings.processor_stall_timeout_s):
             log.error(
                 "no command reached the agent for %.0fs while %s wait on partitions %s: the stream"

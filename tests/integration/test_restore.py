@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -173,3 +174,41 @@ def test_a_restarted_processor_finds_its_retry_window_in_its_table(
     ]
     assert f"with {WINDOW} recent command ids (0 read from the log)" in resumed[-1]
     assert read_latest(settings, changelog, [partition])[partition].values[stale_key] is None
+
+
+STALL_S = 8  # the stall timeout of the processor below
+
+
+def test_a_restarted_processor_with_nothing_to_decide_is_not_taken_for_stalled(
+    settings: Settings, unique: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # The watchdog restarts a worker whose stream stops delivering while commands wait. A
+    # worker restarted after every command was decided gets nothing from its stream, and once
+    # counted every command of the topic as waiting (its batches had not yet reached any
+    # partition): it restarted itself after each stall timeout, for as long as it was quiet.
+    mine = own_settings(settings, unique, tmp_path_factory.mktemp("quiet"), processor_stall_timeout_s=STALL_S)
+    ensure_topics(mine)
+    workers = LocalStack(mine, say=lambda _msg: None)
+    sku = unique("QUIET")
+    publisher = Publisher(mine)
+    try:
+        workers.start_workers("processor", 1)
+        publisher.publish(restock(sku, 10))
+        wait_for("the restock to be decided", decisions(mine, sku, 1), 90)
+        processor = workers.worker("processor", 1)
+        assert processor.stop()
+        workers.start_workers("processor", 1)
+        wait_for(
+            "the restarted worker to restore its table",
+            lambda: processor.log_file.read_text().count("restored ") >= 2,
+            90,
+        )
+        time.sleep(3 * STALL_S)  # quiet for three stall timeouts; the watchdog looks every 5 s
+
+        log = processor.log_file.read_text()
+        assert "the stream stopped delivering" not in log, log[-3000:]
+        publisher.publish(place_order(sku, 4, order_id=unique("after")))  # and it still decides
+        wait_for("the order to be decided", decisions(mine, sku, 2), 90)
+    finally:
+        publisher.close()
+        workers.worker("processor", 1).stop()
