@@ -134,8 +134,8 @@ def freeze_after_full_pass(phase: str, info: dict[str, int]) -> None:
     window: walked by every full pass, it made them longer as it grew (up to 870 ms with 2
     million orders held). Frozen right after a pass, nothing frozen is garbage the pass had
     yet to find. An object frozen is not freed if it later ends up in a reference cycle; the
-    state is dropped by reference counting, and full passes while the processor ran flat out
-    found no cyclic garbage at all.
+    state is dropped by reference counting, and the full passes logged (gc.DEBUG_STATS) while
+    the processor ran flat out found no unreachable object at all.
     """
     if phase == "stop" and info["generation"] == 2:
         gc.freeze()
