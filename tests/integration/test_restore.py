@@ -6,6 +6,9 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Producer
@@ -96,7 +99,18 @@ def small_window(
     settings: Settings, unique: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
     """A processor with a retry window of 30 commands, on topics and a group of its own."""
-    mine = own_settings(settings, unique, tmp_path_factory.mktemp("small-window"), dedupe_window=WINDOW)
+    with own_processor(
+        settings, unique, tmp_path_factory.mktemp("small-window"), dedupe_window=WINDOW
+    ) as workers:
+        yield workers
+
+
+@contextmanager
+def own_processor(
+    settings: Settings, unique: Callable[[str], str], run_dir: Path, **update: Any
+) -> Iterator[LocalStack]:
+    """A processor worker on topics and a group of its own, with ``update`` to its settings."""
+    mine = own_settings(settings, unique, run_dir, **update)
     ensure_topics(mine)
     workers = LocalStack(mine, say=lambda _msg: None)
     try:
@@ -186,29 +200,24 @@ def test_a_restarted_processor_with_nothing_to_decide_is_not_taken_for_stalled(
     # worker restarted after every command was decided gets nothing from its stream, and once
     # counted every command of the topic as waiting (its batches had not yet reached any
     # partition): it restarted itself after each stall timeout, for as long as it was quiet.
-    mine = own_settings(settings, unique, tmp_path_factory.mktemp("quiet"), processor_stall_timeout_s=STALL_S)
-    ensure_topics(mine)
-    workers = LocalStack(mine, say=lambda _msg: None)
-    sku = unique("QUIET")
-    publisher = Publisher(mine)
-    try:
-        workers.start_workers("processor", 1)
-        publisher.publish(restock(sku, 10))
-        wait_for("the restock to be decided", decisions(mine, sku, 1), 90)
-        processor = workers.worker("processor", 1)
-        assert processor.stop()
-        workers.start_workers("processor", 1)
-        wait_for(
-            "the restarted worker to restore its table",
-            lambda: processor.log_file.read_text().count("restored ") >= 2,
-            90,
-        )
-        time.sleep(3 * STALL_S)  # quiet for three stall timeouts; the watchdog looks every 5 s
+    run_dir = tmp_path_factory.mktemp("quiet")
+    with own_processor(settings, unique, run_dir, processor_stall_timeout_s=STALL_S) as workers:
+        mine = workers.settings
+        sku = unique("QUIET")
+        with closing(Publisher(mine)) as publisher:
+            publisher.publish(restock(sku, 10))
+            wait_for("the restock to be decided", decisions(mine, sku, 1), 90)
+            processor = workers.worker("processor", 1)
+            assert processor.stop()
+            workers.start_workers("processor", 1)
+            wait_for(
+                "the restarted worker to restore its table",
+                lambda: processor.log_file.read_text().count("restored ") >= 2,
+                90,
+            )
+            time.sleep(3 * STALL_S)  # quiet for three stall timeouts; the watchdog looks every 5 s
 
-        log = processor.log_file.read_text()
-        assert "the stream stopped delivering" not in log, log[-3000:]
-        publisher.publish(place_order(sku, 4, order_id=unique("after")))  # and it still decides
-        wait_for("the order to be decided", decisions(mine, sku, 2), 90)
-    finally:
-        publisher.close()
-        workers.worker("processor", 1).stop()
+            log = processor.log_file.read_text()
+            assert "the stream stopped delivering" not in log, log[-3000:]
+            publisher.publish(place_order(sku, 4, order_id=unique("after")))  # and it still decides
+            wait_for("the order to be decided", decisions(mine, sku, 2), 90)
