@@ -6,15 +6,51 @@ the codec maps between these classes and Avro records explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import uuid
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from stockflow.errors import InvalidCommand
 
 MAX_SKU_LENGTH = 64
 
 
+T = TypeVar("T")
+
+
+def _one_step_init(cls: type[T]) -> type[T]:
+    """Give a frozen dataclass an __init__ that sets the instance's fields in one step.
+
+    The dataclass's own __init__ calls object.__setattr__ once per field, to get past the
+    frozen check: building an event took 23,700 instructions, 14,100 this way (callgrind), and
+    the processor builds one per command, the publisher a command. Same parameters, same
+    instance; the instance stays frozen.
+    """
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # a dataclass, below @dataclass
+    defaults = {f"_default_{f.name}": f.default for f in fields if f.default is not dataclasses.MISSING}
+    params = ", ".join(
+        f"{f.name}=_default_{f.name}" if f"_default_{f.name}" in defaults else f.name for f in fields
+    )
+    values = ", ".join(f"{f.name!r}: {f.name}" for f in fields)
+    namespace: dict[str, Any] = {}
+    source = f"def __init__(self, {params}):\n    _set(self, '__dict__', {{{values}}})"
+    exec(source, {"_set": object.__setattr__, **defaults}, namespace)
+    init = namespace["__init__"]
+    if _parameters(init) != _parameters(cls.__init__):  # e.g. a default_factory, not handled here
+        raise TypeError(f"{cls.__name__}: its fields cannot be set in one step")
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
+
+
+def _parameters(function: Any) -> list[tuple[str, Any, Any]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+@_one_step_init
 @dataclass(frozen=True)
 class PlaceOrder:
     command_id: str
@@ -26,6 +62,7 @@ class PlaceOrder:
     expected_version: int | None = None
 
 
+@_one_step_init
 @dataclass(frozen=True)
 class CancelOrder:
     command_id: str
@@ -36,6 +73,7 @@ class CancelOrder:
     expected_version: int | None = None
 
 
+@_one_step_init
 @dataclass(frozen=True)
 class Restock:
     command_id: str
@@ -46,6 +84,7 @@ class Restock:
     expected_version: int | None = None
 
 
+@_one_step_init
 @dataclass(frozen=True)
 class OrderProcessed:
     event_id: str
@@ -60,6 +99,7 @@ class OrderProcessed:
     available_after: int
 
 
+@_one_step_init
 @dataclass(frozen=True)
 class OrderRejected:
     event_id: str
@@ -75,6 +115,7 @@ class OrderRejected:
     reason: str
 
 
+@_one_step_init
 @dataclass(frozen=True)
 class OrderCancelled:
     event_id: str
@@ -89,6 +130,7 @@ class OrderCancelled:
     available_after: int
 
 
+@_one_step_init
 @dataclass(frozen=True)
 class StockReplenished:
     event_id: str
@@ -102,6 +144,7 @@ class StockReplenished:
     available_after: int
 
 
+@_one_step_init
 @dataclass(frozen=True)
 class RestockRejected:
     event_id: str
