@@ -180,17 +180,24 @@ def test_status_json_reports_the_lag_of_every_partition_of_both_groups(
 def test_rebuild_folds_the_log_checks_it_and_refuses_to_switch_under_a_running_worker(
     settings: Settings, unique: Callable[[str], str]
 ) -> None:
-    sku = unique("CLI-REBUILD")
-    assert stockflow(settings, "publish", "restock", sku, "4").returncode == 0
+    # A SKU on every partition: a rebuild gives a worker only partitions that hold events, and
+    # two workers need events on partitions of both of their shares.
+    skus: dict[int, str] = {}
+    for n in range(1000):
+        sku = unique(f"CLI-REBUILD-{n}")
+        skus.setdefault(partition_for(sku.encode(), settings.partitions), sku)
+    assert len(skus) == settings.partitions
+    for sku in skus.values():
+        assert stockflow(settings, "publish", "restock", sku, "4").returncode == 0
     models = ReadModels(redis.Redis.from_url(settings.redis_url))
-    wait_for("the restock in the read models", lambda: models.stock(sku), 60)
+    wait_for("the restocks in the read models", lambda: all(models.stock(sku) for sku in skus.values()), 60)
     try:
         result = stockflow(settings, "rebuild", "--database", "12", "--workers", "2", "--json")
 
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)
         assert summary["events"] >= 1 and summary["workers"] == 2 and summary["mismatches"] == 0
-        assert summary["verified_skus"] >= 1
+        assert summary["verified_skus"] >= len(skus)
 
         refused = stockflow(settings, "rebuild", "--database", "12", "--switch")
         assert refused.returncode == 1
