@@ -78,12 +78,22 @@ def rebuild(
     # First: with Kafka unreachable, nothing is emptied. Partitions without records are left out.
     ends = end_offsets(settings, settings.events_topic)
     target = _emptied(settings, database, workers)
-    # Round robin: the partitions hold about the same number of events.
-    shares = [share for i in range(workers) if (share := {p: e for p, e in ends.items() if p % workers == i})]
+    shares = split_partitions(ends, workers)
     total = sum(ends.values())
     started = time.monotonic()
     events = _fold_in_processes(target, shares, total, on_progress)
     return Rebuilt(database, events, total, len(shares), time.monotonic() - started)
+
+
+def split_partitions(ends: dict[int, int], workers: int) -> list[dict[int, int]]:
+    """The partitions with records, dealt out round robin to at most ``workers`` shares.
+
+    Round robin, as the partitions hold about the same number of events. Dealt by their place
+    among the partitions with records, not by partition number: with events on partitions 0 and
+    2 alone, two workers get one each, not one worker both.
+    """
+    partitions = sorted(ends)
+    return [{p: ends[p] for p in partitions[i::workers]} for i in range(min(workers, len(partitions)))]
 
 
 def _emptied(settings: Settings, database: int, workers: int) -> Settings:
