@@ -11,6 +11,7 @@ from schemas.codec import codec
 from schemas.records import Event
 from stockflow.logreader import Logged
 from stockflow.logreader import read_topic as _read_topic
+from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 
 T = TypeVar("T")
@@ -48,3 +49,12 @@ def own_settings(settings: Settings, unique: Callable[[str], str], run_dir: Path
     topics = {f"{name.replace('-', '_')}_topic": unique(name) for name in names}
     groups = {"processor_group": unique("processor"), "projection_group": unique("projection")}
     return settings.model_copy(update={**topics, **groups, "run_dir": run_dir, **update})
+
+
+def sku_on_every_partition(settings: Settings, prefix: str) -> list[str]:
+    """A SKU named ``<prefix>-<n>`` for each partition of the commands and events topics."""
+    skus: dict[int, str] = {}
+    for n in range(1000):
+        skus.setdefault(partition_for(f"{prefix}-{n}".encode(), settings.partitions), f"{prefix}-{n}")
+    assert len(skus) == settings.partitions
+    return list(skus.values())

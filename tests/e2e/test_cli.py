@@ -18,7 +18,7 @@ from schemas.codec import codec
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack, settings_env
-from tests.pipeline import read_topic, wait_for
+from tests.pipeline import read_topic, sku_on_every_partition, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -182,15 +182,11 @@ def test_rebuild_folds_the_log_checks_it_and_refuses_to_switch_under_a_running_w
 ) -> None:
     # A SKU on every partition: a rebuild gives a worker only partitions that hold events, and
     # two workers need events on partitions of both of their shares.
-    skus: dict[int, str] = {}
-    for n in range(1000):
-        sku = unique(f"CLI-REBUILD-{n}")
-        skus.setdefault(partition_for(sku.encode(), settings.partitions), sku)
-    assert len(skus) == settings.partitions
-    for sku in skus.values():
+    skus = sku_on_every_partition(settings, unique("CLI-REBUILD"))
+    for sku in skus:
         assert stockflow(settings, "publish", "restock", sku, "4").returncode == 0
     models = ReadModels(redis.Redis.from_url(settings.redis_url))
-    wait_for("the restocks in the read models", lambda: all(models.stock(sku) for sku in skus.values()), 60)
+    wait_for("the restocks in the read models", lambda: all(models.stock(sku) for sku in skus), 60)
     try:
         result = stockflow(settings, "rebuild", "--database", "12", "--workers", "2", "--json")
 

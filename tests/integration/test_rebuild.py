@@ -14,11 +14,10 @@ from producers.publisher import Publisher
 from projections.queries import ReadModels
 from projections.rebuild import RebuildError, database_url, rebuild, switch
 from stockflow.logreader import end_offsets
-from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
 from stockflow.verify import verify_read_models
-from tests.pipeline import wait_for
+from tests.pipeline import sku_on_every_partition, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -52,14 +51,10 @@ def publish_history(settings: Settings, sku: str) -> int:
 
 def publish_on_every_partition(settings: Settings, prefix: str) -> None:
     """A restock on a SKU of each partition, so that a partition left out of a rebuild shows."""
-    skus: dict[int, str] = {}
-    for i in range(1000):
-        skus.setdefault(partition_for(f"{prefix}-{i}".encode(), settings.partitions), f"{prefix}-{i}")
     publisher = Publisher(settings)
-    for sku in skus.values():
+    for sku in sku_on_every_partition(settings, prefix):
         publisher.publish(restock(sku, 1))
     publisher.close()
-    assert len(skus) == settings.partitions
 
 
 def read_model_of(client: redis.Redis, sku: str) -> dict[str, Any]:
