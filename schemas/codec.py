@@ -24,7 +24,7 @@ from typing import Any, cast
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas.records import COMMAND_TYPES, EVENT_TYPES, Command, Event, Record
+from schemas.records import COMMAND_TYPES, EVENT_TYPES, Command, Event, Record, from_fields
 from stockflow.errors import DecodeError
 
 SCHEMA_DIR = Path(__file__).parent / "avro"
@@ -120,9 +120,9 @@ class AvroCodec:
             raise DecodeError(f"corrupt {writer.name} v{writer.version} body: {exc}") from exc
         assert isinstance(fields, dict)
         if writer.name not in BATCHES:
-            return [_record(RECORD_CLASSES[writer.name], fields)]
+            return [from_fields(RECORD_CLASSES[writer.name], fields)]
         field, _ = BATCHES[writer.name]
-        return [_record(_BY_FULL_NAME[name], item) for name, item in fields[field]]  # (full name, fields)
+        return [from_fields(_BY_FULL_NAME[name], item) for name, item in fields[field]]  # (full name, fields)
 
     def decode_commands(self, data: bytes) -> list[Command]:
         return cast(list[Command], self._decode_only(data, COMMAND_TYPES, "commands", "event"))
@@ -138,18 +138,6 @@ class AvroCodec:
             if not isinstance(record, kinds):
                 raise DecodeError(f"expected {wanted}, got a {type(record).__name__} {other}")
         return records
-
-
-def _record(cls: type[Record], fields: dict[str, Any]) -> Record:
-    """The record holding ``fields``, built without calling ``__init__``.
-
-    The fields come from the newest schema, which has exactly the class's fields (a unit test
-    checks it), so the dict can be the instance's own: a keyword ``__init__`` per record was a
-    third of the decode time on the processor and the projection.
-    """
-    record = object.__new__(cls)
-    object.__setattr__(record, "__dict__", fields)  # the classes are frozen: go around it
-    return record
 
 
 codec = AvroCodec()
