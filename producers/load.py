@@ -13,6 +13,8 @@ from schemas.records import Command
 
 # How long a due command may wait for others to share its batch frame, like a producer's linger.
 LINGER_S = 0.02
+# How long the load waits, once everything is sent, for Kafka to answer for every command.
+ACK_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class LoadReport:
     elapsed_s: float = 0.0
     held_back_s: float = 0.0  # time the publisher waited for the workers to catch up
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def unanswered(self) -> int:
+        """Commands Kafka neither acknowledged nor refused within ACK_WAIT_S: they may or may
+        not be in the log."""
+        return self.sent - self.acknowledged - self.failed
 
     @property
     def rate(self) -> float:
@@ -98,7 +106,7 @@ def run_load(
             send_pending()
     if pending:
         send_pending()
-    publisher.flush(60)
+    publisher.flush(ACK_WAIT_S)
     report.elapsed_s = time.monotonic() - started
     report.held_back_s = (publisher.admission.waited_s if publisher.admission else 0.0) - waited_before
     return report

@@ -37,7 +37,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from producers.commands import place_order, restock
-from producers.load import LoadProfile, run_load
+from producers.load import ACK_WAIT_S, LoadProfile, run_load
 from producers.publisher import Publisher, producer_config
 from projections.queries import ReadModels
 from projections.rebuild import rebuild
@@ -260,6 +260,11 @@ def publish_orders(
     report = run_load(publisher, profile, on_progress)
     if report.failed:
         raise StackError(f"{report.failed} commands were not acknowledged: {report.errors[:3]}")
+    if report.unanswered:
+        raise StackError(
+            f"{report.unanswered} commands got no answer from Kafka within {ACK_WAIT_S:.0f}s:"
+            " the bench's broker stopped answering; see kafka-server.log under its run directory"
+        )
     return report.rate
 
 

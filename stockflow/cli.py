@@ -263,20 +263,28 @@ def load(
     """
     from rich.progress import Progress
 
-    from producers.load import LoadProfile, run_load
+    from producers.load import ACK_WAIT_S, LoadProfile, run_load
     from producers.publisher import Publisher
 
+    settings = Settings()
     profile = LoadProfile(orders, rate, duration, skus, hot_skus, hot_share, seed=seed)
     with Progress(console=console) as progress:
         task = progress.add_task("publishing", total=orders)
-        report = run_load(Publisher(Settings()), profile, lambda sent: progress.update(task, completed=sent))
+        report = run_load(Publisher(settings), profile, lambda sent: progress.update(task, completed=sent))
     console.print(
         f"{report.acknowledged} acknowledged, {report.failed} failed in {report.elapsed_s:.1f}s"
         f" ({report.rate:,.0f}/s); held back {report.held_back_s:.1f}s by backpressure"
     )
     for error in report.errors:
         errors.print(f"[red]{error}[/red]")
-    if report.failed:
+    if report.unanswered:
+        errors.print(
+            f"[red]{report.unanswered} commands sent got no answer from Kafka at"
+            f" {settings.bootstrap_servers} within {ACK_WAIT_S:.0f}s: they may or may not be in the"
+            " log (`stockflow verify` counts what was decided). Is the broker up (`stockflow stack"
+            " status`, STOCKFLOW_BOOTSTRAP_SERVERS)?[/red]"
+        )
+    if report.failed or report.unanswered:
         raise typer.Exit(1)
 
 
