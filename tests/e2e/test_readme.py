@@ -1,0 +1,89 @@
+"""The README's walk-through ("By hand"), run line by line as written, against the session's
+stack: the first thing a newcomer copies must work and show what its comments say."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from projections.rebuild import database_url
+from stockflow.settings import Settings
+from tests.e2e.test_cli import stockflow
+from tests.pipeline import wait_for
+
+pytestmark = pytest.mark.e2e
+
+README = Path(__file__).parents[2] / "README.md"
+# The walk-through's names, made the test's own: other tests share the stack.
+NAMES = ("SKU-1", "o-1001", "r-7")
+
+
+def walk_through() -> list[list[str]]:
+    """The arguments of each `stockflow` line of the README's "By hand" block, in order."""
+    section = README.read_text().split("\n## By hand\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    lines = [shlex.split(line, comments=True) for line in block.splitlines()]
+    # The session's stack stands in for `make up` and `make down`.
+    assert lines[0] == ["make", "up"] and lines[-1] == ["make", "down"], lines
+    assert all(line[0] == ".venv/bin/stockflow" for line in lines[1:-1]), lines
+    return [line[1:] for line in lines[1:-1]]
+
+
+def shows(output: str, field: str, value: int) -> bool:
+    """Whether a `stockflow query` table has ``value`` in ``field``'s row."""
+    return re.search(rf"\b{field}\W+{value}\b", output) is not None
+
+
+def showing(
+    settings: Settings, args: list[str], field: str, value: int
+) -> Callable[[], subprocess.CompletedProcess[str] | None]:
+    """A probe: the run of `stockflow *args` if its output shows ``value`` in ``field``'s row."""
+
+    def probe() -> subprocess.CompletedProcess[str] | None:
+        result = stockflow(settings, *args)
+        return result if result.returncode == 0 and shows(result.stdout, field, value) else None
+
+    return probe
+
+
+@pytest.mark.usefixtures("stack")
+def test_the_walk_through_runs_as_written_and_shows_what_it_says(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    names = {name: unique(name) for name in NAMES}
+    sku, order_id = names["SKU-1"], names["o-1001"]
+    ran = []
+    try:
+        for line in walk_through():
+            args = [names.get(arg, arg) for arg in line]
+            if args == ["status"]:
+                args.append("--once")  # live until interrupted; the comment names --once
+            if args[:2] == ["query", "stock"]:
+                # Restocked 10, sold 3, 50 rejected, restocked 5 once though sent twice.
+                result = wait_for(
+                    f"`stockflow {shlex.join(args)}` to show version 4", showing(settings, args, "version", 4)
+                )
+                for field, value in ("available", 12), ("processed", 1), ("rejected", 1), ("replenished", 2):
+                    assert shows(result.stdout, field, value), result.stdout
+            elif args[:2] == ["query", "order"]:
+                result = stockflow(settings, *args)
+                assert result.returncode == 0, result.stderr
+                assert json.loads(result.stdout)[sku]["status"] == "processed"
+            else:
+                result = stockflow(settings, *args)
+                assert result.returncode == 0, f"stockflow {shlex.join(args)}:\n{result.stderr}"
+            ran.append(args[0])
+        # By now `verify --wait` has seen every command decided: the retry made no second restock.
+        final = stockflow(settings, "query", "stock", sku).stdout
+        assert shows(final, "available", 12) and shows(final, "version", 4), final
+        assert order_id in final  # its recent orders
+        assert {"publish", "query", "load", "verify", "rebuild", "status", "stack"} <= set(ran)
+    finally:
+        redis.Redis.from_url(database_url(settings.redis_url, 1)).flushdb()  # the rebuild's
