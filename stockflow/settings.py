@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     # Processor: commands decided per batch (one broker round trip each), and how long a batch
     # waits to fill (Faust's take_events waits this long every batch). Shorter is not faster:
     # at 10 ms a processor fell behind at 4,000 commands/s, one it keeps up with at 30 ms
-    # (README: Benchmark).
+    # (docs/benchmarks.md, "The batch wait").
     processor_batch_size: int = Field(default=2000, ge=1)
     processor_batch_wait_s: float = Field(default=0.03, gt=0)
     # A command id seen among this many earlier commands on its partition is a retry and gets no
