@@ -1,5 +1,6 @@
-"""The README's walk-through ("By hand"), run line by line as written, against the session's
-stack: the first thing a newcomer copies must work and show what its comments say."""
+"""The README's examples ("By hand", "HTTP API"), run line by line as written, against the
+session's stack: the first things a newcomer copies must work and show what their comments
+say."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import json
 import re
 import shlex
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from projections.rebuild import database_url
 from stockflow.settings import Settings
+from tests.e2e.test_api import api_server, call
 from tests.e2e.test_cli import stockflow
 from tests.pipeline import wait_for
 
@@ -25,11 +28,21 @@ README = Path(__file__).parents[2] / "README.md"
 NAMES = ("SKU-1", "o-1001", "r-7")
 
 
+def fenced_block(heading: str) -> list[str]:
+    """The lines of the first ```bash block under the README's ``## <heading>``."""
+    section = README.read_text().split(f"\n## {heading}\n", 1)[1]
+    return section.split("```bash\n", 1)[1].split("\n```", 1)[0].splitlines()
+
+
+def renamed(text: str, names: dict[str, str]) -> str:
+    for name, own in names.items():
+        text = re.sub(rf"\b{re.escape(name)}\b", own, text)
+    return text
+
+
 def walk_through() -> list[list[str]]:
     """The arguments of each `stockflow` line of the README's "By hand" block, in order."""
-    section = README.read_text().split("\n## By hand\n", 1)[1]
-    block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
-    lines = [shlex.split(line, comments=True) for line in block.splitlines()]
+    lines = [shlex.split(line, comments=True) for line in fenced_block("By hand")]
     # The session's stack stands in for `make up` and `make down`.
     assert lines[0] == ["make", "up"] and lines[-1] == ["make", "down"], lines
     assert all(line[0] == ".venv/bin/stockflow" for line in lines[1:-1]), lines
@@ -87,3 +100,49 @@ def test_the_walk_through_runs_as_written_and_shows_what_it_says(
         assert {"publish", "query", "load", "verify", "rebuild", "status", "stack"} <= set(ran)
     finally:
         redis.Redis.from_url(database_url(settings.redis_url, 1)).flushdb()  # the rebuild's
+
+
+def http_examples() -> list[tuple[str, str | None, str | None]]:
+    """(path, body, the answer shown under it) of each `curl` line of the README's HTTP block;
+    a line with a body (``-d``) is a POST, as curl sends it."""
+    examples: list[tuple[str, str | None, str | None]] = []
+    for line in fenced_block("HTTP API"):
+        if line.startswith("# "):  # the answer to the line above
+            path, body, _ = examples[-1]
+            examples[-1] = (path, body, line[2:])
+            continue
+        args = shlex.split(line, comments=True)
+        assert args[0] == "curl", line
+        body = args[args.index("-d") + 1] if "-d" in args else None
+        examples.append((args[-1].removeprefix("localhost:8080"), body, None))
+    return examples
+
+
+def string_fields(value: Any) -> Iterator[tuple[str, str]]:
+    """Every (key, value) pair with a string value, at any depth of a JSON document."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str):
+                yield key, item
+            yield from string_fields(item)
+
+
+@pytest.mark.usefixtures("stack")
+def test_the_http_examples_answer_as_written(
+    settings: Settings, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    names = {name: unique(name) for name in NAMES}
+    examples = http_examples()
+    assert [body is not None for _path, body, _answer in examples].count(True) == 3, examples
+    with api_server(settings, tmp_path / "api.log") as api:
+        for example, body, answer in examples:
+            path = renamed(example, names)
+            raw = renamed(body, names).encode() if body is not None else None
+            status, reply, _ = call(api, "POST" if raw is not None else "GET", path, raw=raw)
+            assert 200 <= status < 300, (path, status, reply)
+            if answer is not None:
+                code, _, shown = renamed(answer, names).partition(" ")
+                assert status == int(code), (path, status, reply)
+                # The answer's string values, but for the "…" of a value that varies.
+                for key, value in re.findall(r'"([\w-]+)": "([^"…]+)"', shown):
+                    assert (key, value) in set(string_fields(reply)), (path, key, value, reply)
