@@ -35,6 +35,7 @@ def fenced_block(heading: str) -> list[str]:
 
 
 def renamed(text: str, names: dict[str, str]) -> str:
+    """``text`` with each of the README's names replaced by the test's own."""
     for name, own in names.items():
         text = re.sub(rf"\b{re.escape(name)}\b", own, text)
     return text
@@ -75,7 +76,7 @@ def test_the_walk_through_runs_as_written_and_shows_what_it_says(
     ran = []
     try:
         for line in walk_through():
-            args = [names.get(arg, arg) for arg in line]
+            args = [renamed(arg, names) for arg in line]
             if args == ["status"]:
                 args.append("--once")  # live until interrupted; the comment names --once
             if args[:2] == ["query", "stock"]:
@@ -133,7 +134,7 @@ def test_the_http_examples_answer_as_written(
 ) -> None:
     names = {name: unique(name) for name in NAMES}
     examples = http_examples()
-    assert [body is not None for _path, body, _answer in examples].count(True) == 3, examples
+    assert any(body for _path, body, _answer in examples) and any(answer for *_, answer in examples)
     with api_server(settings, tmp_path / "api.log") as api:
         for example, body, answer in examples:
             path = renamed(example, names)
