@@ -107,7 +107,9 @@ def _emptied(settings: Settings, database: int, workers: int) -> Settings:
         raise RebuildError(f"--workers is {workers}: a rebuild needs at least one worker process")
     target = settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
     try:
-        redis.Redis.from_url(target.redis_url).flushdb()
+        # Freed in Redis's background thread: emptied in place, an earlier rebuild's 1.9 million
+        # keys held every client of the server, the live readers too, for 3.7 s.
+        redis.Redis.from_url(target.redis_url).flushdb(asynchronous=True)
     except redis.RedisError as exc:
         raise RebuildError(
             f"cannot empty database {database} of Redis at {target.redis_url} ({exc}): is redis-server"
