@@ -24,6 +24,14 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def order_not_found(order_id: str, retention_s: float) -> str:
+    """Why an order has no read model: not decided yet, or, with a retention, expired."""
+    reason = f"no decision about order {order_id!r} is projected yet"
+    if retention_s:
+        reason += f", or its newest one is older than STOCKFLOW_ORDER_RETENTION_S ({retention_s:g} s)"
+    return reason
+
+
 class ReadModels:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client

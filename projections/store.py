@@ -4,7 +4,8 @@ Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
   sf:stock:{SKU}      hash  available, version, updated_at, units_sold, one counter per event kind
   sf:recent:{SKU}     list  newest processed order ids first, trimmed
   sf:order:{ORDER}    hash  "<SKU>:<status>" -> JSON document of that order line's status
-                            (``projections.views.line_status`` picks the one to show)
+                            (``projections.views.line_status`` picks the one to show); with a
+                            retention, it expires that long after the order's newest decision
   sf:top              zset  SKU -> units sold (absolute, so re-writing it is harmless)
   sf:skus             set   every SKU seen
   sf:watermarks       hash  events-topic partition -> last offset applied
@@ -131,9 +132,14 @@ class Applied:
 
 
 class ReadModelStore:
-    def __init__(self, client: redis.Redis, recent_orders_per_sku: int = 20) -> None:
+    def __init__(
+        self, client: redis.Redis, recent_orders_per_sku: int = 20, order_retention_s: float = 0
+    ) -> None:
+        """``order_retention_s``: how long an order's read model is kept after its newest
+        decision; 0 keeps it for good."""
         self._redis = client
         self._recent_max = recent_orders_per_sku
+        self._order_retention_ms = round(order_retention_s * 1000)
         self._apply_sku = client.register_script(_APPLY_SKU)
         self._advance_watermarks = client.register_script(_ADVANCE_WATERMARKS)
 
@@ -165,6 +171,14 @@ class ReadModelStore:
             commands.append(("EVALSHA", self._apply_sku.sha, 2, stock_key(sku), recent_key(sku), *args))
         for (order_id, line_field), document in plan.order_lines.items():
             commands.append(("HSETNX", order_key(order_id), line_field, document))
+        if self._order_retention_ms:
+            # From the decision's own time, so a replay or a rebuild keeps what the live worker
+            # kept: NX sets it on a new key, GT only ever moves it later (an older decision
+            # replayed does not bring it forward), and a time already past deletes the key.
+            for order_id, decided_at in plan.order_decided_at.items():
+                expire_at = decided_at + self._order_retention_ms
+                commands.append(("PEXPIREAT", order_key(order_id), expire_at, "NX"))
+                commands.append(("PEXPIREAT", order_key(order_id), expire_at, "GT"))
         if skus:
             commands.append(("SADD", SKUS_KEY, *skus))
         results = self._send(commands)

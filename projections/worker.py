@@ -51,7 +51,7 @@ class ProjectionWorker:
         self._settings = settings
         self._rebuilding = rebuilding
         client = redis.Redis.from_url(settings.redis_url)
-        self._store = ReadModelStore(client, settings.recent_orders_per_sku)
+        self._store = ReadModelStore(client, settings.recent_orders_per_sku, settings.order_retention_s)
         self._models = ReadModels(client)
         self._consumer = Consumer(
             {

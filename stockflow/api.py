@@ -36,7 +36,7 @@ from aiohttp import web
 
 from producers.commands import cancel_order, place_order, restock
 from producers.publisher import Publisher, PublishError, Receipt
-from projections.queries import ReadModels
+from projections.queries import ReadModels, order_not_found
 from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
 from stockflow.errors import InvalidCommand, StockflowError
 from stockflow.lag import Overloaded
@@ -289,7 +289,7 @@ def create_api(settings: Settings) -> web.Application:
         while not (lines := await read(models.order, order_id)):
             if asyncio.get_running_loop().time() >= deadline:
                 return web.json_response(
-                    {"error": f"no decision about order {order_id!r} is projected yet"}, status=404
+                    {"error": order_not_found(order_id, settings.order_retention_s)}, status=404
                 )
             await asyncio.sleep(WAIT_POLL_S)
         return web.json_response({"order_id": order_id, "lines": lines})

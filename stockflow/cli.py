@@ -327,9 +327,11 @@ def query_order(order_id: str, as_json: JsonFlag = False) -> None:
 
     Example: `stockflow query order o-1001`
     """
+    from projections.queries import order_not_found
+
     lines = _models().order(order_id)
     if not lines:
-        errors.print(f"no events for order {order_id!r} have been projected yet")
+        errors.print(order_not_found(order_id, Settings().order_retention_s))
         raise typer.Exit(1)
     _emit(lines, as_json, f"order {order_id}")
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 import redis
@@ -13,7 +15,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from producers.commands import place_order, restock
 from projections.queries import ReadModels
 from projections.rebuild import database_url
-from projections.store import ReadModelStore
+from projections.store import ReadModelStore, order_key
 from projections.views import plan_writes
 from projections.worker import ProjectionWorker
 from schemas.codec import codec
@@ -112,3 +114,20 @@ def test_a_worker_given_partitions_commits_where_redis_stands_even_if_no_event_c
             wait_for("the group to commit past the events Redis holds", lambda: committed() == 1, 30)
     finally:
         group.close()
+
+
+def test_a_worker_given_an_order_retention_lets_the_orders_expire(
+    own: Settings, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    order = place_order(sku, 2)
+    events = decided(sku, restock(sku, 5), order, now_ms=int(time.time() * 1000))
+    producer = Producer({"bootstrap.servers": own.bootstrap_servers})
+    producer.produce(own.events_topic, codec.encode_batch(events), partition=0)
+    assert producer.flush(30) == 0
+    client = redis.Redis.from_url(own.redis_url)
+    with Running(own.model_copy(update={"order_retention_s": 600})):
+        wait_for(
+            f"order {order.order_id} in the read models", lambda: ReadModels(client).order(order.order_id)
+        )
+    assert 0 < int(cast(int, client.pttl(order_key(order.order_id)))) <= 600_000

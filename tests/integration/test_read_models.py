@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 import redis
@@ -183,3 +185,37 @@ def test_a_watermark_lost_while_a_batch_is_written_is_reported_and_not_advanced(
     stock = ReadModels(scratch).stock(first)
     assert stock is not None
     assert (stock["available"], stock["version"]) == (4, 2)
+
+
+def expires_in_ms(client: redis.Redis, order_id: str) -> int:
+    """The order key's time to live: -1 if it never expires, -2 if it is not there."""
+    return int(cast(int, client.pttl(order_key(order_id))))
+
+
+def test_with_a_retention_an_order_expires_that_long_after_its_newest_decision(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku, now_ms = unique("SKU"), int(time.time() * 1000)
+    kept, old = place_order(sku, 1), place_order(sku, 1)
+    placed = decided(sku, restock(sku, 5), kept, now_ms=now_ms)
+    cancelled = decided(sku, restock(sku, 5), kept, cancel_order(sku, kept.order_id), now_ms=now_ms + 30_000)
+    long_ago = decided(unique("OLD"), restock(unique("OLD"), 5), old, now_ms=now_ms - 120_000)
+    store = ReadModelStore(scratch, order_retention_s=60)
+
+    store.apply(plan_writes([(0, 0, placed[0]), (0, 1, placed[1])]))
+    assert 55_000 < expires_in_ms(scratch, kept.order_id) <= 60_000
+    store.apply(plan_writes([(0, 2, cancelled[2])]))  # a later decision: kept longer
+    assert 85_000 < expires_in_ms(scratch, kept.order_id) <= 90_000
+    store.apply(plan_writes([(0, 1, placed[1])]))  # the older one again: not brought forward
+    assert 85_000 < expires_in_ms(scratch, kept.order_id) <= 90_000
+    assert ReadModels(scratch).order(kept.order_id)[sku]["status"] == "cancelled"
+
+    store.apply(plan_writes([(1, 0, long_ago[0]), (1, 1, long_ago[1])]))  # decided 2 minutes ago
+    assert not scratch.exists(order_key(old.order_id))  # as a rebuild of an old log leaves it
+    assert ReadModels(scratch).stock(long_ago[0].sku) is not None  # the SKU's row is kept
+
+    ReadModelStore(scratch).apply(plan_writes([(2, 0, placed[1])]))  # no retention: kept for good
+    assert expires_in_ms(scratch, kept.order_id) > 0  # ... and an expiry set is left as it was
+    other = place_order(sku, 1)
+    ReadModelStore(scratch).apply(plan_writes([(2, 1, decided(sku, restock(sku, 5), other)[1])]))
+    assert expires_in_ms(scratch, other.order_id) == -1

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from producers.commands import cancel_order, place_order, restock
+from projections.queries import order_not_found
 from projections.views import (
     ORDER_STATUS,
     WritePlan,
@@ -118,3 +119,19 @@ def test_an_order_document_is_the_json_of_its_status() -> None:
             "updated_at": event.occurred_at,
         }
         assert json.loads(order_document(event)) == expected
+
+
+def test_the_plan_notes_each_orders_newest_decision_for_its_retention() -> None:
+    placed = place_order("SKU-1", 2)
+    placing = decided("SKU-1", restock("SKU-1", 5), placed, now_ms=1_000)
+    cancelling = decided(
+        "SKU-1", restock("SKU-1", 5), placed, cancel_order("SKU-1", placed.order_id), now_ms=9_000
+    )
+    plan = plan_writes([(0, 0, placing[0]), (0, 1, placing[1]), (0, 2, cancelling[2])])
+    assert plan.order_decided_at == {placed.order_id: 9_000}  # the cancel's, not the placing's
+    assert plan_writes([(0, 1, placing[1])]).order_decided_at == {placed.order_id: 1_000}
+
+
+def test_a_missing_order_names_the_retention_only_when_there_is_one() -> None:
+    assert order_not_found("o-1", 0) == "no decision about order 'o-1' is projected yet"
+    assert "older than STOCKFLOW_ORDER_RETENTION_S (86400 s)" in order_not_found("o-1", 86_400)
