@@ -5,7 +5,7 @@ Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
   sf:recent:{SKU}     list  newest processed order ids first, trimmed
   sf:order:{ORDER}    hash  "<SKU>:<status>" -> JSON document of that order line's status
                             (``projections.views.line_status`` picks the one to show); with a
-                            retention, it expires that long after the order's newest decision
+                            retention, it expires that long after the order's placing or cancel
   sf:top              zset  SKU -> units sold (absolute, so re-writing it is harmless)
   sf:skus             set   every SKU seen
   sf:watermarks       hash  events-topic partition -> last offset applied
@@ -171,14 +171,7 @@ class ReadModelStore:
             commands.append(("EVALSHA", self._apply_sku.sha, 2, stock_key(sku), recent_key(sku), *args))
         for (order_id, line_field), document in plan.order_lines.items():
             commands.append(("HSETNX", order_key(order_id), line_field, document))
-        if self._order_retention_ms:
-            # From the decision's own time, so a replay or a rebuild keeps what the live worker
-            # kept: NX sets it on a new key, GT only ever moves it later (an older decision
-            # replayed does not bring it forward), and a time already past deletes the key.
-            for order_id, decided_at in plan.order_decided_at.items():
-                expire_at = decided_at + self._order_retention_ms
-                commands.append(("PEXPIREAT", order_key(order_id), expire_at, "NX"))
-                commands.append(("PEXPIREAT", order_key(order_id), expire_at, "GT"))
+        commands += self._expiries(plan)
         if skus:
             commands.append(("SADD", SKUS_KEY, *skus))
         results = self._send(commands)
@@ -203,6 +196,27 @@ class ReadModelStore:
         if marks:
             outcome.gaps.update(int(p) for p in replies[-1])
         return outcome
+
+    def _expiries(self, plan: WritePlan) -> list[tuple[Any, ...]]:
+        """With a retention, when each order of the plan expires.
+
+        Timed from the decision, so a replay or a rebuild keeps what the live worker kept, and a
+        time already past deletes the key. NX: set on a key that has none (a new order), so a
+        replayed decision changes nothing; GT: a cancel moves it later, never sooner. One
+        command an order, not both: each costs Redis and the worker 2-3 us.
+        """
+        if not self._order_retention_ms:
+            return []
+        retention = self._order_retention_ms
+        commands: list[tuple[Any, ...]] = [
+            ("PEXPIREAT", order_key(order_id), decided_at + retention, "NX")
+            for order_id, decided_at in plan.order_decided_at.items()
+        ]
+        for order_id in plan.orders_cancelled:
+            commands.append(
+                ("PEXPIREAT", order_key(order_id), plan.order_decided_at[order_id] + retention, "GT")
+            )
+        return commands
 
     def record_latencies(self, visible: dict[int, int], decided: dict[int, int]) -> None:
         self._send(

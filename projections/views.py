@@ -67,9 +67,11 @@ class WritePlan:
     sku_partitions: dict[str, int] = field(default_factory=dict)
     # (order id, line field) -> JSON document: status, qty, reason, version, updated_at
     order_lines: dict[tuple[str, str], str] = field(default_factory=dict)
-    # order id -> when the batch's newest decision about it was made (ms): its read model is
-    # kept for STOCKFLOW_ORDER_RETENTION_S after its newest decision
+    # order id -> when the batch's newest decision about it was made (ms), and the orders it
+    # cancels: an order's read model is kept for STOCKFLOW_ORDER_RETENTION_S after the decision
+    # that placed it, or after its cancel
     order_decided_at: dict[str, int] = field(default_factory=dict)
+    orders_cancelled: set[str] = field(default_factory=set)
     watermarks: dict[int, int] = field(default_factory=dict)
 
 
@@ -97,6 +99,8 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]]) -> WritePlan:
             # The first document of a status wins, in the batch as in Redis (HSETNX).
             plan.order_lines.setdefault((order_id, line_field(event.sku, event)), order_document(event))
             plan.order_decided_at[order_id] = max(plan.order_decided_at.get(order_id, 0), event.occurred_at)
+            if isinstance(event, OrderCancelled):
+                plan.orders_cancelled.add(order_id)
     return plan
 
 

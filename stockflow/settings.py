@@ -61,9 +61,9 @@ class Settings(BaseSettings):
     projection_pause_after_s: float = Field(default=1.0, gt=0)
     projection_batch_size: int = Field(default=2000, ge=1)
     recent_orders_per_sku: int = Field(default=20, ge=1)
-    # An order's read model (its status per line) expires this long after its newest decision,
-    # by the decision's time, so a rebuild keeps the same orders; 0 keeps every order for good
-    # (about 380 bytes of Redis memory each; see README).
+    # An order's read model (its status per line) expires this long after the decision that
+    # placed it, or its cancel, by the decision's time, so a rebuild keeps the same orders; 0
+    # keeps every order for good (about 380 bytes of Redis memory each; see README).
     order_retention_s: float = Field(default=0.0, ge=0)
 
     # Backpressure: publishers hold commands back once the processor or projection group is

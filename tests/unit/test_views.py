@@ -129,7 +129,9 @@ def test_the_plan_notes_each_orders_newest_decision_for_its_retention() -> None:
     )
     plan = plan_writes([(0, 0, placing[0]), (0, 1, placing[1]), (0, 2, cancelling[2])])
     assert plan.order_decided_at == {placed.order_id: 9_000}  # the cancel's, not the placing's
-    assert plan_writes([(0, 1, placing[1])]).order_decided_at == {placed.order_id: 1_000}
+    assert plan.orders_cancelled == {placed.order_id}
+    placed_only = plan_writes([(0, 1, placing[1])])
+    assert (placed_only.order_decided_at, placed_only.orders_cancelled) == ({placed.order_id: 1_000}, set())
 
 
 def test_a_missing_order_names_the_retention_only_when_there_is_one() -> None:
