@@ -28,7 +28,9 @@ def order_not_found(order_id: str, retention_s: float) -> str:
     """Why an order has no read model: not decided yet, or, with a retention, expired."""
     reason = f"no decision about order {order_id!r} is projected yet"
     if retention_s:
-        reason += f", or its newest one is older than STOCKFLOW_ORDER_RETENTION_S ({retention_s:g} s)"
+        reason += (
+            f", or it expired: STOCKFLOW_ORDER_RETENTION_S ({retention_s:g} s) after its placing or cancel"
+        )
     return reason
 
 

@@ -135,8 +135,8 @@ class ReadModelStore:
     def __init__(
         self, client: redis.Redis, recent_orders_per_sku: int = 20, order_retention_s: float = 0
     ) -> None:
-        """``order_retention_s``: how long an order's read model is kept after its newest
-        decision; 0 keeps it for good."""
+        """``order_retention_s``: how long an order's read model is kept after the decision that
+        placed it, or its cancel; 0 keeps it for good."""
         self._redis = client
         self._recent_max = recent_orders_per_sku
         self._order_retention_ms = round(order_retention_s * 1000)
@@ -203,7 +203,7 @@ class ReadModelStore:
         Timed from the decision, so a replay or a rebuild keeps what the live worker kept, and a
         time already past deletes the key. NX: set on a key that has none (a new order), so a
         replayed decision changes nothing; GT: a cancel moves it later, never sooner. One
-        command an order, not both: each costs Redis and the worker 2-3 us.
+        command an order, not both on every order: the second cost the worker 1-2 us an order.
         """
         if not self._order_retention_ms:
             return []

@@ -136,4 +136,4 @@ def test_the_plan_notes_each_orders_newest_decision_for_its_retention() -> None:
 
 def test_a_missing_order_names_the_retention_only_when_there_is_one() -> None:
     assert order_not_found("o-1", 0) == "no decision about order 'o-1' is projected yet"
-    assert "older than STOCKFLOW_ORDER_RETENTION_S (86400 s)" in order_not_found("o-1", 86_400)
+    assert "it expired: STOCKFLOW_ORDER_RETENTION_S (86400 s)" in order_not_found("o-1", 86_400)
