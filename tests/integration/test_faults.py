@@ -109,6 +109,7 @@ def load_with_fault(
     for command in retried:  # the publisher timed out and sends them again, same ids
         publisher.send(command)
     assert publisher.flush(60) == 0
+    publisher.close()
     report = quiet_verify(settings, timeout_s=300)
     assert report.command_repeats >= len(retried)
     return FaultRun(report, pending, time.monotonic() - injected_at)
@@ -188,10 +189,19 @@ def test_redis_down_for_seconds_mid_load_is_waited_for_and_rebuilt(
 ) -> None:
     projection = stack.worker("projection", 1)
 
+    def unreachable_said() -> int:
+        return projection.log_file.read_text().count("is unreachable")
+
     def restart_redis() -> None:
+        said = unreachable_said()
         stack.redis.stop()  # the local stack's Redis keeps nothing on disk: its data goes too
-        time.sleep(3)  # longer than redis-py's own retries last
-        stack.start_redis()
+        try:
+            time.sleep(3)  # longer than redis-py's own retries last
+            # ... and until the worker has tried to write and waits: on a busy box the events
+            # that make it write can come later than the 3 s (seen in CI: no write in them).
+            wait_for("the projection to find Redis unreachable", lambda: unreachable_said() > said, 60)
+        finally:
+            stack.start_redis()
 
     run = load_with_fault(settings, stack, unique("REDIS") + "-", restart_redis)
     print(run.line("Redis down 3 s"))
