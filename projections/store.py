@@ -198,7 +198,7 @@ class ReadModelStore:
         return outcome
 
     def _expiries(self, plan: WritePlan) -> list[tuple[Any, ...]]:
-        """With a retention, when each order of the plan expires.
+        """With a retention, when each order of the plan (made ``expiring``) expires.
 
         Timed from the decision, so a replay or a rebuild keeps what the live worker kept, and a
         time already past deletes the key. NX: set on a key that has none (a new order), so a

@@ -150,7 +150,8 @@ class ProjectionWorker:
             self._dead_letters.flush(30)  # parked for good before the watermark moves past it
         # A copy: what Redis must hold as the write begins (a dozen partitions, not every event).
         held = dict(self._applied)
-        self._writing = self._writer.submit(self._write, plan_writes(batch), held, batch)
+        plan = plan_writes(batch, expiring=self._settings.order_retention_s > 0)
+        self._writing = self._writer.submit(self._write, plan, held, batch)
         self._written = batch
         self._writing_since = time.monotonic()
         return len(batch)

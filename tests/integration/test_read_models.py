@@ -202,15 +202,15 @@ def test_with_a_retention_an_order_expires_that_long_after_its_newest_decision(
     long_ago = decided(unique("OLD"), restock(unique("OLD"), 5), old, now_ms=now_ms - 120_000)
     store = ReadModelStore(scratch, order_retention_s=60)
 
-    store.apply(plan_writes([(0, 0, placed[0]), (0, 1, placed[1])]))
+    store.apply(plan_writes([(0, 0, placed[0]), (0, 1, placed[1])], expiring=True))
     assert 55_000 < expires_in_ms(scratch, kept.order_id) <= 60_000
-    store.apply(plan_writes([(0, 2, cancelled[2])]))  # a later decision: kept longer
+    store.apply(plan_writes([(0, 2, cancelled[2])], expiring=True))  # a later decision: kept longer
     assert 85_000 < expires_in_ms(scratch, kept.order_id) <= 90_000
-    store.apply(plan_writes([(0, 1, placed[1])]))  # the older one again: not brought forward
+    store.apply(plan_writes([(0, 1, placed[1])], expiring=True))  # the older one again: not brought forward
     assert 85_000 < expires_in_ms(scratch, kept.order_id) <= 90_000
     assert ReadModels(scratch).order(kept.order_id)[sku]["status"] == "cancelled"
 
-    store.apply(plan_writes([(1, 0, long_ago[0]), (1, 1, long_ago[1])]))  # decided 2 minutes ago
+    store.apply(plan_writes([(1, 0, long_ago[0]), (1, 1, long_ago[1])], expiring=True))  # 2 minutes ago
     assert not scratch.exists(order_key(old.order_id))  # as a rebuild of an old log leaves it
     assert ReadModels(scratch).stock(long_ago[0].sku) is not None  # the SKU's row is kept
 

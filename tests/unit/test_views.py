@@ -127,10 +127,10 @@ def test_the_plan_notes_each_orders_newest_decision_for_its_retention() -> None:
     cancelling = decided(
         "SKU-1", restock("SKU-1", 5), placed, cancel_order("SKU-1", placed.order_id), now_ms=9_000
     )
-    plan = plan_writes([(0, 0, placing[0]), (0, 1, placing[1]), (0, 2, cancelling[2])])
+    plan = plan_writes([(0, 0, placing[0]), (0, 1, placing[1]), (0, 2, cancelling[2])], expiring=True)
     assert plan.order_decided_at == {placed.order_id: 9_000}  # the cancel's, not the placing's
     assert plan.orders_cancelled == {placed.order_id}
-    placed_only = plan_writes([(0, 1, placing[1])])
+    placed_only = plan_writes([(0, 1, placing[1])], expiring=True)
     assert (placed_only.order_decided_at, placed_only.orders_cancelled) == ({placed.order_id: 1_000}, set())
 
 
