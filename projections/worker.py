@@ -81,6 +81,11 @@ class ProjectionWorker:
         self._writing_since = 0.0
         self._paused = False
         self._stopping = threading.Event()  # set once run() ends: stop waiting for Redis
+        # Whether Redis answered the last call, from either thread: each change is logged once
+        # and shown as stockflow_redis_unreachable, so a worker with nothing to write still says
+        # that Redis is gone (its only call then is the watermark check of every poll).
+        self._redis_reachable = True
+        self._reachable_lock = threading.Lock()
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         self._consumer.subscribe(
@@ -202,20 +207,37 @@ class ProjectionWorker:
         wait_s = 0.5
         while True:
             try:
-                return attempt()
+                outcome = attempt()
             except UNREACHABLE as exc:
                 if self._stopping.is_set():
                     raise
-                log.warning(
-                    "Redis at %s is unreachable (%s): %s again in %.1fs;"
-                    " is redis-server running there? (STOCKFLOW_REDIS_URL)",
-                    self._settings.redis_url,
-                    exc,
-                    what,
-                    wait_s,
-                )
+                self._redis_unreachable(exc, f"{what} again in {wait_s:.1f}s")
                 self._stopping.wait(wait_s)
                 wait_s = min(wait_s * 2, MAX_RETRY_WAIT_S)
+            else:
+                self._redis_answered()
+                return outcome
+
+    def _redis_unreachable(self, exc: Exception, then: str) -> None:
+        log.warning(
+            "Redis at %s is unreachable (%s): %s; is redis-server running there? (STOCKFLOW_REDIS_URL)",
+            self._settings.redis_url,
+            exc,
+            then,
+        )
+        with self._reachable_lock:
+            self._redis_reachable = False
+            metrics.REDIS_UNREACHABLE.set(1)
+
+    def _redis_answered(self) -> None:
+        if self._redis_reachable:
+            return  # as nearly always: no lock taken
+        with self._reachable_lock:
+            if self._redis_reachable:
+                return
+            self._redis_reachable = True
+            metrics.REDIS_UNREACHABLE.set(0)
+        log.info("Redis at %s answers again", self._settings.redis_url)
 
     def _finish_write(self, wait: bool) -> bool:
         """Complete the batch in flight once Redis has it; False if it is still being written."""
@@ -314,8 +336,12 @@ class ProjectionWorker:
             return set()
         try:
             held = self._models.watermarks()
-        except UNREACHABLE:
-            return set()  # asked again at the next poll; the next write waits for Redis (_write)
+        except UNREACHABLE as exc:
+            # Asked again at the next poll; the next write waits for Redis (_write).
+            if self._redis_reachable:
+                self._redis_unreachable(exc, "checking again at every poll")
+            return set()
+        self._redis_answered()
         return {p for p, offset in self._applied.items() if held.get(p, -1) < offset}
 
     def _forget(self, partitions: set[int]) -> None:

@@ -49,6 +49,10 @@ ORDER_LINES = Gauge(
 PAUSED_PARTITIONS = Gauge(
     "stockflow_paused_partitions", "Partitions a projection worker stopped fetching while Redis is behind"
 )
+REDIS_UNREACHABLE = Gauge(
+    "stockflow_redis_unreachable",
+    "1 while a projection worker cannot reach Redis (its log says why), else 0",
+)
 CONSUMER_LAG = Gauge(
     "stockflow_consumer_lag",
     "Messages in the partition this worker has not handled yet",

@@ -6,11 +6,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import cast
 
 import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client import REGISTRY
 
 from producers.commands import place_order, restock
 from projections.queries import ReadModels
@@ -19,8 +21,11 @@ from projections.store import ReadModelStore, order_key
 from projections.views import plan_writes
 from projections.worker import ProjectionWorker
 from schemas.codec import codec
+from schemas.records import Event
 from stockflow.settings import Settings
+from stockflow.stack import LocalStack
 from stockflow.topics import ensure_topics
+from tests.conftest import free_port
 from tests.history import decided
 from tests.pipeline import wait_for
 
@@ -42,6 +47,14 @@ def own(settings: Settings, unique: Callable[[str], str]) -> Iterator[Settings]:
     ensure_topics(mine)
     yield mine
     redis.Redis.from_url(mine.redis_url).flushdb()
+
+
+def append_events(settings: Settings, events: list[Event], partition: int) -> None:
+    """Append ``events`` to the events topic as one frame, as the processor does."""
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    producer.produce(settings.events_topic, codec.encode_batch(events), partition=partition)
+    assert producer.flush(30) == 0
+    producer.close()  # not left to reconnect to the session's broker after it stops
 
 
 class Running:
@@ -67,9 +80,7 @@ def test_a_loss_on_a_partition_without_new_events_is_noticed_by_a_worker_just_as
     caplog.set_level(logging.INFO, logger="projections.worker")
     sku = unique("SKU")
     events = decided(sku, restock(sku, 5), place_order(sku, 2))
-    producer = Producer({"bootstrap.servers": own.bootstrap_servers})
-    producer.produce(own.events_topic, codec.encode_batch(events), partition=own.partitions - 1)
-    assert producer.flush(30) == 0
+    append_events(own, events, own.partitions - 1)
     client = redis.Redis.from_url(own.redis_url)
     models = ReadModels(client)
 
@@ -96,9 +107,7 @@ def test_a_worker_given_partitions_commits_where_redis_stands_even_if_no_event_c
     sku = unique("SKU")
     partition = own.partitions - 1
     events = decided(sku, restock(sku, 5), place_order(sku, 2))
-    producer = Producer({"bootstrap.servers": own.bootstrap_servers})
-    producer.produce(own.events_topic, codec.encode_batch(events), partition=partition)
-    assert producer.flush(30) == 0
+    append_events(own, events, partition)
     ReadModelStore(redis.Redis.from_url(own.redis_url)).apply(
         plan_writes([(partition, 0, e) for e in events])
     )
@@ -122,12 +131,56 @@ def test_a_worker_given_an_order_retention_lets_the_orders_expire(
     sku = unique("SKU")
     order = place_order(sku, 2)
     events = decided(sku, restock(sku, 5), order, now_ms=int(time.time() * 1000))
-    producer = Producer({"bootstrap.servers": own.bootstrap_servers})
-    producer.produce(own.events_topic, codec.encode_batch(events), partition=0)
-    assert producer.flush(30) == 0
+    append_events(own, events, 0)
     client = redis.Redis.from_url(own.redis_url)
     with Running(own.model_copy(update={"order_retention_s": 600})):
         wait_for(
             f"order {order.order_id} in the read models", lambda: ReadModels(client).order(order.order_id)
         )
     assert 0 < int(cast(int, client.pttl(order_key(order.order_id)))) <= 600_000
+
+
+def test_a_worker_with_nothing_to_write_says_when_redis_goes_and_when_it_comes_back(
+    own: Settings,
+    docker_mode: bool,
+    tmp_path: Path,
+    unique: Callable[[str], str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if docker_mode:
+        pytest.skip("stops a redis-server of its own, which only the local stack has")
+    # A Redis of the test's own, to stop without touching the stack's.
+    port = free_port()
+    mine = own.model_copy(
+        update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0", "run_dir": tmp_path}
+    )
+    side = LocalStack(mine, say=lambda _msg: None)
+    side.start_redis()
+    caplog.set_level(logging.INFO, logger="projections.worker")
+    sku = unique("SKU")
+    events = decided(sku, restock(sku, 5), place_order(sku, 2))
+    append_events(mine, events, 0)
+    models = ReadModels(redis.Redis.from_url(mine.redis_url))
+
+    def shown() -> bool:
+        return (models.stock(sku) or {}).get("version") == len(events)
+
+    def unreachable() -> float | None:
+        return REGISTRY.get_sample_value("stockflow_redis_unreachable")
+
+    try:
+        with Running(mine):
+            wait_for(f"{sku} in the read models", shown)
+            assert unreachable() == 0
+            side.redis.stop()  # no event comes: the worker's only calls are its watermark checks
+            wait_for("the worker to say Redis is unreachable", lambda: "is unreachable" in caplog.text, 30)
+            assert unreachable() == 1
+            assert f"Redis at {mine.redis_url} is unreachable" in caplog.text
+            time.sleep(2)  # a few more polls, each checking the watermarks
+            assert caplog.text.count("is unreachable") == 1  # said once, not at every poll
+            side.start_redis()  # empty: the worker replays the partition
+            wait_for(f"{sku} rebuilt in the read models", shown, 60)
+            assert "answers again" in caplog.text
+            assert unreachable() == 0
+    finally:
+        side.redis.stop()
