@@ -10,7 +10,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import redis
 import typer
@@ -21,6 +21,9 @@ from stockflow.errors import InvalidCommand, StockflowError
 from stockflow.lag import Overloaded
 from stockflow.metrics import serve as serve_metrics
 from stockflow.settings import Settings
+
+if TYPE_CHECKING:
+    from producers.publisher import Publisher
 
 app = typer.Typer(
     help="stockflow: event-sourced order intake on Kafka, Faust and Redis.",
@@ -51,6 +54,12 @@ def main() -> None:
         sys.exit(3)
     except StockflowError as exc:
         errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # any command that reads Redis
+        errors.print(
+            f"[red]error:[/red] cannot reach Redis at {Settings().redis_url} ({exc}): start the stack"
+            " (`stockflow stack up`) or set STOCKFLOW_REDIS_URL"
+        )
         sys.exit(1)
 
 
@@ -181,10 +190,18 @@ def api() -> None:
 
 
 # -- publish -------------------------------------------------------------------------------
-def _publish(command: Any) -> None:
+def _publisher(settings: Settings) -> Publisher:
+    """A publisher whose broker has answered: a stack that is down is said at once, not after
+    the 30 s a command waits for its acknowledgement (60 s for `load`)."""
     from producers.publisher import Publisher
 
-    receipt = Publisher(Settings()).publish(command)
+    publisher = Publisher(settings)
+    publisher.check_broker()
+    return publisher
+
+
+def _publish(command: Any) -> None:
+    receipt = _publisher(Settings()).publish(command)
     console.print(
         f"{type(command).__name__} {receipt.command_id}"
         f" -> partition {receipt.partition}, offset {receipt.offset}"
@@ -264,13 +281,13 @@ def load(
     from rich.progress import Progress
 
     from producers.load import ACK_WAIT_S, LoadProfile, run_load
-    from producers.publisher import Publisher
 
     settings = Settings()
     profile = LoadProfile(orders, rate, duration, skus, hot_skus, hot_share, seed=seed)
+    publisher = _publisher(settings)
     with Progress(console=console) as progress:
         task = progress.add_task("publishing", total=orders)
-        report = run_load(Publisher(settings), profile, lambda sent: progress.update(task, completed=sent))
+        report = run_load(publisher, profile, lambda sent: progress.update(task, completed=sent))
     console.print(
         f"{report.acknowledged} acknowledged, {report.failed} failed in {report.elapsed_s:.1f}s"
         f" ({report.rate:,.0f}/s); held back {report.held_back_s:.1f}s by backpressure"

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,6 +19,7 @@ from schemas.codec import codec
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack, settings_env
+from tests.conftest import free_port
 from tests.pipeline import read_topic, sku_on_every_partition, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -69,6 +71,28 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert result.returncode == 0, result.stderr
     if command:  # each leaf command shows an example
         assert "Example" in result.stdout or "Commands" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "what", "setting"),
+    [
+        ("query stock SKU-1", "cannot reach Redis", "STOCKFLOW_REDIS_URL"),
+        ("query top", "cannot reach Redis", "STOCKFLOW_REDIS_URL"),
+        # Said by the broker check before sending, not after the acknowledgement's 30 s.
+        ("publish restock SKU-1 5", "did not answer about", "STOCKFLOW_BOOTSTRAP_SERVERS"),
+        ("load --orders 10", "did not answer about", "STOCKFLOW_BOOTSTRAP_SERVERS"),
+        ("verify", "cannot reach Kafka", "STOCKFLOW_BOOTSTRAP_SERVERS"),
+    ],
+)
+def test_a_stack_that_is_not_up_is_an_error_naming_what_to_set_not_a_traceback(
+    tmp_path: Path, command: str, what: str, setting: str
+) -> None:
+    nothing = Settings(kafka_port=free_port(), redis_port=free_port(), run_dir=tmp_path)
+    result = stockflow(nothing, *command.split())
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    error = " ".join(result.stderr.split())  # the console wraps long lines
+    assert what in error and setting in error, result.stderr
 
 
 @pytest.mark.usefixtures("stack")
