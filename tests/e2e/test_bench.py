@@ -6,11 +6,21 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
+
+from projections.rebuild import database_url
+from stockflow.bench import clear_away, workload_prefix, workload_settings
+from stockflow.settings import Settings
+from stockflow.topics import admin_client, ensure_topics, topic_configs
+from tests.pipeline import wait_for
 
 pytestmark = pytest.mark.e2e
+
+DATABASE = 14  # the live read models are in database 0
 
 REQUIRED = (
     "e2e_commands_per_s",
@@ -69,3 +79,28 @@ def test_bench_writes_every_figure_for_the_workload(tmp_path: Path) -> None:
         assert point["decided_p99"] <= point["p99"], point
     assert "end to end / pgbench" in (out / "REPORT.md").read_text()
     assert all((out / name).stat().st_size > 0 for name in ("throughput.png", "latency.png", "lag.png"))
+
+
+@pytest.mark.usefixtures("stack")
+def test_a_workload_cleared_away_leaves_no_topic_or_read_model_and_spares_the_others(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    run = unique("run")
+    first, second = (
+        # The session's Redis, wherever it runs (the bench's is always the local stack's)
+        workload_settings(settings, run, name, DATABASE).model_copy(
+            update={"redis_url": database_url(settings.redis_url, DATABASE)}
+        )
+        for name in ("uniform", "hot")
+    )
+    ensure_topics(first)
+    ensure_topics(second)
+    client = redis.Redis.from_url(first.redis_url)
+    client.set("left-by-the-workload", 1)
+
+    clear_away(first, workload_prefix(run, "uniform"))
+
+    topics = admin_client(settings).list_topics(timeout=30).topics
+    assert not [name for name in topics if name.startswith(workload_prefix(run, "uniform"))]
+    assert set(topic_configs(second)) <= set(topics)  # "hot" is not a prefix of it, nor it of "hot"
+    wait_for("the workload's database to be emptied", lambda: client.dbsize() == 0, 10)
