@@ -193,10 +193,14 @@ def api() -> None:
 def _publisher(settings: Settings) -> Publisher:
     """A publisher whose broker has answered: a stack that is down is said at once, not after
     the 30 s a command waits for its acknowledgement (60 s for `load`)."""
-    from producers.publisher import Publisher
+    from producers.publisher import Publisher, PublishError
 
     publisher = Publisher(settings)
-    publisher.check_broker()
+    try:
+        publisher.check_broker()
+    except PublishError:
+        publisher.close()  # nothing queued: no wait; its clients stop retrying the broker now
+        raise
     return publisher
 
 
@@ -284,10 +288,12 @@ def load(
 
     settings = Settings()
     profile = LoadProfile(orders, rate, duration, skus, hot_skus, hot_share, seed=seed)
-    publisher = _publisher(settings)
     with Progress(console=console) as progress:
         task = progress.add_task("publishing", total=orders)
-        report = run_load(publisher, profile, lambda sent: progress.update(task, completed=sent))
+        # Not held in a variable: freed when run_load returns, so its client stops then. Kept in
+        # this frame, it lived on with the exception that ends a failed load and went on
+        # retrying a broker that was gone (close() would wait for any unanswered command).
+        report = run_load(_publisher(settings), profile, lambda sent: progress.update(task, completed=sent))
     console.print(
         f"{report.acknowledged} acknowledged, {report.failed} failed in {report.elapsed_s:.1f}s"
         f" ({report.rate:,.0f}/s); held back {report.held_back_s:.1f}s by backpressure"
