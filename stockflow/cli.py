@@ -290,9 +290,9 @@ def load(
     profile = LoadProfile(orders, rate, duration, skus, hot_skus, hot_share, seed=seed)
     with Progress(console=console) as progress:
         task = progress.add_task("publishing", total=orders)
-        # Not held in a variable: freed when run_load returns, so its client stops then. Kept in
-        # this frame, it lived on with the exception that ends a failed load and went on
-        # retrying a broker that was gone (close() would wait for any unanswered command).
+        # Not held in a variable: nothing here keeps it once run_load returns. Kept in this
+        # frame, it lived on with the exception that ends a failed load and went on retrying a
+        # broker that was gone (close() would wait for any unanswered command).
         report = run_load(_publisher(settings), profile, lambda sent: progress.update(task, completed=sent))
     console.print(
         f"{report.acknowledged} acknowledged, {report.failed} failed in {report.elapsed_s:.1f}s"
