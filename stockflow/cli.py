@@ -21,6 +21,7 @@ from stockflow.errors import InvalidCommand, StockflowError
 from stockflow.lag import Overloaded
 from stockflow.metrics import serve as serve_metrics
 from stockflow.settings import Settings
+from stockflow.topics import require_broker
 
 if TYPE_CHECKING:
     from producers.publisher import Publisher
@@ -195,6 +196,7 @@ def _publisher(settings: Settings) -> Publisher:
     the 30 s a command waits for its acknowledgement (60 s for `load`)."""
     from producers.publisher import Publisher, PublishError
 
+    require_broker(settings)
     publisher = Publisher(settings)
     try:
         publisher.check_broker()
@@ -202,6 +204,13 @@ def _publisher(settings: Settings) -> Publisher:
         publisher.close()  # nothing queued: no wait; its clients stop retrying the broker now
         raise
     return publisher
+
+
+def _kafka_settings() -> Settings:
+    """The settings of a command that reads Kafka, once something listens at its address."""
+    settings = Settings()
+    require_broker(settings)
+    return settings
 
 
 def _publish(command: Any) -> None:
@@ -460,7 +469,7 @@ def status(
     from stockflow.lag import GroupLag, LagProbe
     from stockflow.metrics import endpoints as metric_endpoints
 
-    settings = Settings()
+    settings = _kafka_settings()
     probe = LagProbe(settings)
     endpoints = metric_endpoints(settings)
     if as_json:
@@ -520,7 +529,7 @@ def verify_command(
 
     from stockflow.verify import verify
 
-    settings = Settings()
+    settings = _kafka_settings()
     deadline = time.monotonic() + wait
     report = verify(settings)
     while (report.behind or report.lost) and time.monotonic() < deadline:
@@ -573,7 +582,7 @@ def rebuild_command(
     from projections.rebuild import switch as switch_databases
     from stockflow.verify import verify_read_models
 
-    settings = Settings()
+    settings = _kafka_settings()
     if switch:
         ensure_no_projection_workers(settings)  # before the work, not only after it
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[events]:,} events"))
@@ -635,7 +644,7 @@ def dlq_list(
     """
     from stockflow.dlq import dead_letters
 
-    settings = Settings()
+    settings = _kafka_settings()
     rows = [
         letter.summary() for letter in dead_letters(settings, settings.events_dlq_topic if events else None)
     ]
@@ -665,7 +674,7 @@ def dlq_redrive(
     """
     from stockflow.dlq import dead_letters, redrive
 
-    settings = Settings()
+    settings = _kafka_settings()
     letters = dead_letters(settings)
     if not all_letters:
         wanted = set(ids or [])

@@ -6,6 +6,7 @@ of commands, events and the processor's table changelogs.
 
 from __future__ import annotations
 
+import socket
 import time
 
 from confluent_kafka import KafkaException
@@ -53,6 +54,29 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     for table in PROCESSOR_TABLES:
         configs[changelog_topic(settings, table)] = dict(COMPACTED_CHANGELOG)
     return configs
+
+
+def require_broker(settings: Settings, timeout_s: float = 1.0) -> None:
+    """Raise StackError, quietly, unless a bootstrap server accepts a TCP connection.
+
+    A Kafka client that waits for metadata while nothing listens tries again about every 50 ms
+    and logs each refused connection ("Connect to ... failed: Connection refused": 60 lines in
+    3 s), so a command run with the stack down buried its own error under them. Whether Kafka
+    answers there is for the client to find out; this only asks whether anything listens.
+    """
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.strip().split("://")[-1].rpartition(":")
+        if not port.isdigit():
+            continue
+        try:
+            socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout_s).close()
+        except OSError:
+            continue
+        return
+    raise StackError(
+        f"cannot reach Kafka at {settings.bootstrap_servers} (nothing accepts a connection there):"
+        " start the stack (`stockflow stack up`) or set STOCKFLOW_BOOTSTRAP_SERVERS"
+    )
 
 
 def admin_client(settings: Settings) -> AdminClient:

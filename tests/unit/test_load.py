@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 import producers.load
+import stockflow.cli
 from producers.load import LoadProfile, run_load
 from producers.publisher import Publisher
 from stockflow.cli import app
@@ -30,8 +31,8 @@ def test_commands_kafka_never_answered_for_are_counted_as_unanswered() -> None:
 def test_the_load_command_says_so_and_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STOCKFLOW_BOOTSTRAP_SERVERS", NO_BROKER)
     monkeypatch.setenv("STOCKFLOW_BACKPRESSURE_HIGH_WATER", "0")
-    # As if the broker answered the check `load` makes first, then went away.
-    monkeypatch.setattr(Publisher, "check_broker", lambda _self, timeout_s=2.0: None)
+    # As if the broker answered the checks `load` makes first, then went away.
+    monkeypatch.setattr(stockflow.cli, "_publisher", Publisher)
     result = CliRunner().invoke(app, ["load", "--orders", "5"])
     said = " ".join(result.output.split())  # as one line, however the console wrapped it
     assert result.exit_code == 1, said
