@@ -32,6 +32,7 @@ def test_the_load_command_says_so_and_fails(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("STOCKFLOW_BOOTSTRAP_SERVERS", NO_BROKER)
     monkeypatch.setenv("STOCKFLOW_BACKPRESSURE_HIGH_WATER", "0")
     # As if the broker answered the checks `load` makes first, then went away.
+    monkeypatch.setattr(stockflow.cli, "require_broker", lambda _settings: None)
     monkeypatch.setattr(stockflow.cli, "_publisher", Publisher)
     result = CliRunner().invoke(app, ["load", "--orders", "5"])
     said = " ".join(result.output.split())  # as one line, however the console wrapped it
