@@ -309,26 +309,44 @@ def replay(settings: Settings, expected: int, workers: int, say: Say) -> float:
 
 
 def latency_run(
-    publisher: Publisher, workload: Workload, counts: Counts, orders: int, rate: float, total: int, say: Say
-) -> dict[str, float]:
+    publisher: Publisher,
+    workload: Workload,
+    stack: LocalStack,
+    counts: Counts,
+    orders: int,
+    rate: float,
+    total: int,
+    say: Say,
+) -> dict[str, Any]:
     """Offer ``orders`` at ``rate``; percentiles of command created -> visible in Redis, and of
-    command created -> decided (what of it the publisher and the processor take)."""
+    command created -> decided (what of it the publisher and the processor take); and what the
+    rate cost: each part's CPU per command, and the cores the parts kept busy together. Paced,
+    commands travel in smaller frames and requests than flat out, so each costs more; the cores
+    busy tell a box that has run out of them from a queue in the pipeline."""
     redis.Redis.from_url(counts.settings.redis_url).delete(LATENCY_KEY, DECIDED_LATENCY_KEY)
+    cpu_before = cpu_by_part(stack)
+    started = time.monotonic()
     publish_orders(publisher, workload, orders, rate, seed=3)
-    wait_visible(counts, total, f"latency at {rate:,.0f}/s", say)
+    visible_at = wait_visible(counts, total, f"latency at {rate:,.0f}/s", say)
+    cpu = cpu_used(cpu_before, cpu_by_part(stack))
     histogram = counts.models.latency_histogram()
     decided = counts.models.latency_histogram(until="decided")
-    point = {
+    per_command = {part: seconds / orders * 1e6 for part, seconds in cpu.items()}
+    cores_busy = sum(cpu.values()) / (visible_at - started)
+    point: dict[str, Any] = {
         "offered_per_s": rate,
         "p50": percentile(histogram, 0.5),
         "p99": percentile(histogram, 0.99),
         "p999": percentile(histogram, 0.999),
         "decided_p50": percentile(decided, 0.5),
         "decided_p99": percentile(decided, 0.99),
+        "cpu_us_per_command": per_command,
+        "cores_busy": cores_busy,
     }
     say(
         f"  latency at {rate:,.0f}/s: p50 {point['p50']} ms, p99 {point['p99']} ms, p99.9 {point['p999']} ms"
-        f" (decided: p50 {point['decided_p50']} ms, p99 {point['decided_p99']} ms)"
+        f" (decided: p50 {point['decided_p50']} ms, p99 {point['decided_p99']} ms);"
+        f" CPU {sum(per_command.values()):.1f} us per command, {cores_busy:.2f} cores busy"
     )
     return point
 
@@ -350,6 +368,11 @@ def cpu_by_part(stack: LocalStack) -> dict[str, float]:
             part = "broker" if process.name == "kafka" else process.name.split("-")[0]
             used[part] = used.get(part, 0.0) + cpu_seconds(pid)
     return used
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each part used between two ``cpu_by_part`` readings."""
+    return {part: seconds - before.get(part, 0.0) for part, seconds in after.items()}
 
 
 def end_to_end(
@@ -374,10 +397,7 @@ def end_to_end(
     publish_orders(publisher, workload, orders, 0, seed=2, on_progress=published)
     visible_at = wait_visible(counts, backlog + orders, "end to end", say)
     rate = orders / (visible_at - started)
-    cpu = {
-        part: (seconds - cpu_before.get(part, 0.0)) / orders * 1e6
-        for part, seconds in cpu_by_part(stack).items()
-    }
+    cpu = {part: seconds / orders * 1e6 for part, seconds in cpu_used(cpu_before, cpu_by_part(stack)).items()}
     say(f"  end to end: {rate:,.0f} commands/s decided and visible in Redis")
     say("  CPU per command, us: " + ", ".join(f"{part} {us:.1f}" for part, us in cpu.items()))
     return rate, cpu, [dataclasses.asdict(s) for s in sampler.stop()]
@@ -420,7 +440,7 @@ def bench_pipeline(options: BenchOptions, name: str, settings: Settings, say: Sa
             rate = fraction * result["e2e_commands_per_s"]
             orders = max(int(rate * options.latency_duration_s), 1)
             total += orders
-            latency.append(latency_run(publisher, workload, counts, orders, rate, total, say))
+            latency.append(latency_run(publisher, workload, workers, counts, orders, rate, total, say))
             latency[-1]["fraction"] = fraction
         result["latency"] = latency
         half = min(latency, key=lambda p: abs(p["fraction"] - 0.5))
@@ -545,7 +565,6 @@ def report_markdown(results: dict[str, Any]) -> str:
     for name, w in results["workloads"].items():
         half = w["latency_ms_at_half_load"]
         cpu = w["e2e_cpu_us_per_command"]
-        cpu_figures = " / ".join(f"{us:.1f}" for us in cpu.values()) + f" (total {sum(cpu.values()):.1f})"
         lines += [
             f"## Workload: {name} ({w['workload']['skus']} SKUs, hot SKUs: {w['workload']['hot_skus']})",
             "",
@@ -556,7 +575,7 @@ def report_markdown(results: dict[str, Any]) -> str:
             f"| backlog drain, commands/s | {w['backlog_commands_per_s']:,.0f} | |",
             f"| end to end (decided and visible in Redis), commands/s | {w['e2e_commands_per_s']:,.0f}"
             f" | {TARGETS['e2e_commands_per_s']:,} |",
-            f"| end to end, CPU per command, us: {' / '.join(cpu)} | {cpu_figures} | |",
+            f"| end to end, CPU per command, us: {' / '.join(cpu)} | {_cpu_figures(cpu)} | |",
             f"| latency at half load p50 / p99 / p99.9, ms | {half['p50']} / {half['p99']} / {half['p999']}"
             " | p99 <= 50 |",
             f"| replay into an empty read model ({results['settings']['replay_workers']} processes),"
@@ -572,12 +591,14 @@ def report_markdown(results: dict[str, Any]) -> str:
             "Latency from command created to visible in Redis, and to decided by the processor (the"
             " rest is the event log and the projection):",
             "",
-            "| offered load | offered/s | p50 ms | p99 ms | p99.9 ms | decided p50 / p99 ms |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| offered load | offered/s | p50 ms | p99 ms | p99.9 ms | decided p50 / p99 ms"
+            f" | CPU per command, us: {' / '.join(cpu)} (total) | cores busy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         lines += [
             f"| {p['fraction']:.0%} | {p['offered_per_s']:,.0f} | {p['p50']} | {p['p99']} | {p['p999']}"
-            f" | {p['decided_p50']} / {p['decided_p99']} |"
+            f" | {p['decided_p50']} / {p['decided_p99']} | {_cpu_figures(p['cpu_us_per_command'])}"
+            f" | {p['cores_busy']:.2f} |"
             for p in w["latency"]
         ]
         lines.append("")
@@ -589,6 +610,10 @@ def report_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _cpu_figures(cpu: dict[str, float]) -> str:
+    return " / ".join(f"{us:.1f}" for us in cpu.values()) + f" (total {sum(cpu.values()):.1f})"
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> None:

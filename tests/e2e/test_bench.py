@@ -77,6 +77,10 @@ def test_bench_writes_every_figure_for_the_workload(tmp_path: Path) -> None:
     for point in hot["latency"]:
         assert 0 <= point["decided_p50"] <= point["p50"], point
         assert point["decided_p99"] <= point["p99"], point
+        # What each offered rate cost, part by part, and the cores they kept busy (of 2 here).
+        assert set(point["cpu_us_per_command"]) == set(cpu), point
+        assert point["cpu_us_per_command"]["processor"] > 0, point
+        assert 0 < point["cores_busy"] <= (os.cpu_count() or 1) * 1.05, point
     assert "end to end / pgbench" in (out / "REPORT.md").read_text()
     assert all((out / name).stat().st_size > 0 for name in ("throughput.png", "latency.png", "lag.png"))
 

@@ -24,6 +24,8 @@ def workload(e2e: float, pgbench: float) -> dict[str, Any]:
                 "p999": 90,
                 "decided_p50": 12,
                 "decided_p99": 40,
+                "cpu_us_per_command": {"processor": 50.0, "projection": 30.0, "publisher": 20.0},
+                "cores_busy": 0.6,
             }
         ],
         "latency_ms_at_half_load": {"p50": 20, "p99": 70, "p999": 90},
@@ -43,7 +45,11 @@ def test_the_report_states_each_ratio_and_both_sides_durability() -> None:
     report = report_markdown(results)
     assert "| **end to end / pgbench** | **1.50x** | 5x |" in report
     assert "| end to end / Python service | 2.00x | |" in report
-    assert "| 50% | 3,000 | 20 | 70 | 90 | 12 / 40 |" in report
+    assert (
+        "| offered load | offered/s | p50 ms | p99 ms | p99.9 ms | decided p50 / p99 ms"
+        " | CPU per command, us: processor / projection / publisher (total) | cores busy |" in report
+    )
+    assert "| 50% | 3,000 | 20 | 70 | 90 | 12 / 40 | 50.0 / 30.0 / 20.0 (total 100.0) | 0.60 |" in report
     assert (
         "| end to end, CPU per command, us: processor / projection / publisher"
         " | 20.0 / 10.5 / 12.0 (total 42.5) | |" in report
