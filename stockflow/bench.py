@@ -328,11 +328,10 @@ def latency_run(
     started = time.monotonic()
     publish_orders(publisher, workload, orders, rate, seed=3)
     visible_at = wait_visible(counts, total, f"latency at {rate:,.0f}/s", say)
-    cpu = cpu_used(cpu_before, cpu_by_part(stack))
+    per_command = cpu_per_command(stack, cpu_before, orders)
     histogram = counts.models.latency_histogram()
     decided = counts.models.latency_histogram(until="decided")
-    per_command = {part: seconds / orders * 1e6 for part, seconds in cpu.items()}
-    cores_busy = sum(cpu.values()) / (visible_at - started)
+    cores_busy = sum(per_command.values()) * orders / 1e6 / (visible_at - started)
     point: dict[str, Any] = {
         "offered_per_s": rate,
         "p50": percentile(histogram, 0.5),
@@ -370,9 +369,12 @@ def cpu_by_part(stack: LocalStack) -> dict[str, float]:
     return used
 
 
-def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """CPU seconds each part used between two ``cpu_by_part`` readings."""
-    return {part: seconds - before.get(part, 0.0) for part, seconds in after.items()}
+def cpu_per_command(stack: LocalStack, before: dict[str, float], commands: int) -> dict[str, float]:
+    """Each part's CPU time (us) per command since the ``cpu_by_part`` reading ``before``."""
+    return {
+        part: (seconds - before.get(part, 0.0)) / commands * 1e6
+        for part, seconds in cpu_by_part(stack).items()
+    }
 
 
 def end_to_end(
@@ -397,7 +399,7 @@ def end_to_end(
     publish_orders(publisher, workload, orders, 0, seed=2, on_progress=published)
     visible_at = wait_visible(counts, backlog + orders, "end to end", say)
     rate = orders / (visible_at - started)
-    cpu = {part: seconds / orders * 1e6 for part, seconds in cpu_used(cpu_before, cpu_by_part(stack)).items()}
+    cpu = cpu_per_command(stack, cpu_before, orders)
     say(f"  end to end: {rate:,.0f} commands/s decided and visible in Redis")
     say("  CPU per command, us: " + ", ".join(f"{part} {us:.1f}" for part, us in cpu.items()))
     return rate, cpu, [dataclasses.asdict(s) for s in sampler.stop()]
