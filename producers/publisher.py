@@ -39,13 +39,21 @@ DeliveryCallback = Callable[[Command, Receipt | None, PublishError | None], None
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
-    """How commands are produced: idempotent, acks=all, Java's murmur2 partitioner, lz4."""
+    """How commands are produced: idempotent, acks=all, Java's murmur2 partitioner, lz4, and
+    sent at once.
+
+    No linger (librdkafka's default is 5 ms): ``send_many`` already puts a partition's commands
+    in one message, so lingering only held each message back. A single client of the HTTP API
+    waited 7.6-7.9 ms per order with it and 2.0-2.4 without; 50 clients got 1,268-1,301
+    requests/s with it and 1,289-1,574 without (messages queued while a request is in flight
+    still share the next one); paced load reached the log 5 ms sooner (p50).
+    """
     return {
         "bootstrap.servers": settings.bootstrap_servers,
         "enable.idempotence": True,
         "acks": "all",
         "partitioner": "murmur2_random",
-        "linger.ms": 5,
+        "linger.ms": 0,
         "compression.type": "lz4",
     }
 
