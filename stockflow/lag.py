@@ -1,7 +1,7 @@
 """Consumer lag of the processor and projection groups, and the admission control built on it.
 
 Lag of a partition = its end offset - the group's committed offset. The processor (Faust)
-commits every few seconds and the projection after every batch, so the figure is at most that
+commits every half second and the projection after every batch, so the figure is at most that
 stale. Reading it costs one request for the committed offsets of each group and one for the
 end offsets of both topics; publishers cache it for ``STOCKFLOW_BACKPRESSURE_REFRESH_S``.
 """
@@ -20,6 +20,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 
 from stockflow.errors import StackError, StockflowError
 from stockflow.settings import Settings
+from stockflow.topics import admin_client
 
 _COORDINATOR_MOVING = {
     KafkaError.NOT_COORDINATOR,
@@ -151,7 +152,7 @@ class LagProbe:
 
     def _admin_client(self) -> AdminClient:
         if self._admin is None:
-            self._admin = AdminClient({"bootstrap.servers": self._settings.bootstrap_servers})
+            self._admin = admin_client(self._settings)
         return self._admin
 
     def close(self) -> None:
