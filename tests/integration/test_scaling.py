@@ -80,6 +80,10 @@ def test_two_workers_of_each_kind_share_the_partitions_and_survive_losing_one(
         took = ", ".join(f"{group} {seconds:.1f}s" for group, seconds in taken_over.items())
         print(f"one of each killed; survivors held every partition after: {took}; {report.summary()}")
         assert report.problems == []
-    finally:  # librdkafka clients left open can hang the interpreter's exit
-        publisher.close()
+    finally:
+        # The second workers are this test's: stopped (if a failure left them running) and
+        # forgotten, so later tests see the stack they expect, one worker of each kind.
+        for kind in ("processor", "projection"):
+            stack.worker(kind, 2).stop()
+        publisher.close()  # librdkafka clients left open can hang the interpreter's exit
         probe.close()
