@@ -5,11 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from stockflow.lag import LagProbe
 from stockflow.settings import Settings
 from stockflow.topics import admin_client, ensure_topics
+from tests.pipeline import wait_for
+
+COORDINATOR_MOVING = (
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+)
 
 
 @pytest.mark.usefixtures("stack")
@@ -37,7 +44,19 @@ def test_lag_is_the_end_offset_less_the_commit_or_the_first_offset_kept(
     assert producer.flush(30) == 0
 
     committer = Consumer({"bootstrap.servers": own.bootstrap_servers, "group.id": own.processor_group})
-    committer.commit(offsets=[TopicPartition(own.commands_topic, 0, 2)], asynchronous=False)
+
+    def committed() -> bool:
+        try:
+            committer.commit(offsets=[TopicPartition(own.commands_topic, 0, 2)], asynchronous=False)
+        except KafkaException as exc:
+            # On a broker just started, the group's coordinator may still be loading: the
+            # commit is refused (NOT_COORDINATOR) and librdkafka finds it again for the next.
+            if exc.args[0].code() in COORDINATOR_MOVING:
+                return False
+            raise
+        return True
+
+    wait_for("the group's coordinator to take a commit", committed, 30)
     committer.close()
     # Partition 1 keeps its last record alone, and the group has never committed there.
     admin = admin_client(own)  # kept: a freed AdminClient never completes its futures
