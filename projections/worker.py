@@ -21,7 +21,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from projections.queries import ReadModels
 from projections.store import Applied, ReadModelStore
@@ -68,6 +76,7 @@ class ProjectionWorker:
                 "client.id": f"stockflow-projection-{socket.gethostname()}-{os.getpid()}",
                 # A dead worker's partitions go to the others after this long (default 45 s).
                 "session.timeout.ms": int(settings.projection_session_timeout_s * 1000),
+                "on_commit": self._on_commit,
             }
         )
         self._dead_letters = Producer(
@@ -296,6 +305,11 @@ class ProjectionWorker:
                 ],
                 asynchronous=True,
             )
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """A commit the broker refused or never got (it was restarting) is made again."""
+        if error is not None or any(tp.error is not None for tp in partitions):
+            self._uncommitted = True
 
     def _hold_back(self, timeout_s: float) -> None:
         """Redis is behind: stop fetching, but keep polling so the group keeps this worker."""

@@ -1,9 +1,9 @@
 """Consumer lag of the processor and projection groups, and the admission control built on it.
 
-Lag of a partition = its end offset - the group's committed offset. The processor (Faust)
-commits every half second and the projection after every batch, so the figure is at most that
-stale. Reading it costs one request for the committed offsets of each group and one for the
-end offsets of both topics; publishers cache it for ``STOCKFLOW_BACKPRESSURE_REFRESH_S``.
+Lag of a partition = its end offset - the group's committed offset. Both groups commit every
+half second (the processor through Faust), so the figure is at most that stale. Reading it
+costs one request for the committed offsets of each group and one for the end offsets of both
+topics; publishers cache it for ``STOCKFLOW_BACKPRESSURE_REFRESH_S``.
 """
 
 from __future__ import annotations
