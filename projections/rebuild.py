@@ -28,12 +28,12 @@ from urllib.parse import urlsplit
 
 import redis
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 
 from projections.worker import ProjectionWorker
 from stockflow.errors import StockflowError
 from stockflow.logreader import end_offsets
 from stockflow.settings import Settings
+from stockflow.topics import admin_client
 
 # How often each worker process reports the offsets it has covered.
 PROGRESS_EVERY_S = 0.25
@@ -196,7 +196,7 @@ def _fold_share(settings: Settings, ends: dict[int, int], index: int, reports: A
 
 def projection_members(settings: Settings, timeout_s: float = 10.0) -> list[str]:
     """Client ids of the projection workers in their group now."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = admin_client(settings)  # kept until the result is in: a freed one never completes it
     future = admin.describe_consumer_groups([settings.projection_group], request_timeout=timeout_s)
     try:
         description = future[settings.projection_group].result()
