@@ -22,7 +22,8 @@ from stockflow.errors import StackError, StockflowError
 from stockflow.settings import Settings
 from stockflow.topics import admin_client
 
-_COORDINATOR_MOVING = {
+# A group's coordinator is moving or loading (a broker just started): ask again shortly.
+COORDINATOR_MOVING = {
     KafkaError.NOT_COORDINATOR,
     KafkaError.COORDINATOR_NOT_AVAILABLE,
     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
@@ -95,7 +96,7 @@ class LagProbe:
                 ]
             except KafkaException as exc:
                 # A group coordinator moves or loads for a moment after a broker starts.
-                if exc.args[0].code() in _COORDINATOR_MOVING and time.monotonic() < deadline:
+                if exc.args[0].code() in COORDINATOR_MOVING and time.monotonic() < deadline:
                     time.sleep(0.2)
                     continue
                 raise StackError(

@@ -5,18 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from stockflow.lag import LagProbe
+from stockflow.lag import COORDINATOR_MOVING, LagProbe
 from stockflow.settings import Settings
 from stockflow.topics import admin_client, ensure_topics
 from tests.pipeline import wait_for
-
-COORDINATOR_MOVING = (
-    KafkaError.NOT_COORDINATOR,
-    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-    KafkaError.COORDINATOR_NOT_AVAILABLE,
-)
 
 
 @pytest.mark.usefixtures("stack")
