@@ -162,14 +162,22 @@ class ReadModelStore:
             return self._apply(plan, held)
 
     def _apply(self, plan: WritePlan, held: Mapping[int, int]) -> Applied:
-        skus = list(plan.sku_changes)
+        skus = list(plan.sku_events)
         commands: list[tuple[Any, ...]] = []
-        for sku in skus:
-            changes = plan.sku_changes[sku]
-            args: list[Any] = [self._recent_max, changes[-1].available_after, changes[-1].occurred_at]
-            for change in changes:
-                args.extend(change[:4])  # version, kind, qty, order_id
-            commands.append(("EVALSHA", self._apply_sku.sha, 2, stock_key(sku), recent_key(sku), *args))
+        for sku, events in plan.sku_events.items():
+            commands.append(
+                (
+                    "EVALSHA",
+                    self._apply_sku.sha,
+                    2,
+                    stock_key(sku),
+                    recent_key(sku),
+                    self._recent_max,
+                    events.available_after,
+                    events.occurred_at,
+                    *events.script_args,
+                )
+            )
         for (order_id, line_field), document in plan.order_lines.items():
             commands.append(("HSETNX", order_key(order_id), line_field, document))
         commands += self._expiries(plan)

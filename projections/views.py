@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from schemas.records import (
     Event,
@@ -46,24 +46,25 @@ ORDER_STATUS: dict[type[Event], str] = {
 STATUS_PRECEDENCE = {"cancelled": 0, "processed": 1, "rejected": 2}
 
 
-class SkuChange(NamedTuple):
-    """One event as the SKU's stock hash needs it; the store's script reads the first four.
+@dataclass
+class SkuEvents:
+    """A SKU's events in a batch, as the store's script takes them: version, kind, qty and
+    order id of each event, one after the other in rising versions; and the stock after the last.
 
-    Tuples, not dataclasses: the plan makes one per event, and a replay makes hundreds of
-    thousands of them.
+    Flat, not a tuple an event: a replay plans hundreds of thousands of events, and with a
+    NamedTuple each, sliced again by the store, planning and packing the commands took 36,000
+    instructions an event against 32,000 (callgrind).
     """
 
-    version: int
-    kind: str
-    qty: int
-    order_id: str
-    available_after: int
-    occurred_at: int
+    script_args: list[Any] = field(default_factory=list)
+    version: int = 0  # the last event's
+    available_after: int = 0
+    occurred_at: int = 0
 
 
 @dataclass
 class WritePlan:
-    sku_changes: dict[str, list[SkuChange]] = field(default_factory=dict)
+    sku_events: dict[str, SkuEvents] = field(default_factory=dict)
     sku_partitions: dict[str, int] = field(default_factory=dict)
     # (order id, line field) -> JSON document: status, qty, reason, version, updated_at
     order_lines: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -90,13 +91,15 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]], expiring: bool =
         kind = KIND[type(event)]
         order_id = getattr(event, "order_id", "")
         plan.sku_partitions[event.sku] = partition
-        changes = plan.sku_changes.setdefault(event.sku, [])
-        # A SKU's changes go in strictly rising versions; a lower one is a decision the
+        sku_events = plan.sku_events.get(event.sku)
+        if sku_events is None:
+            sku_events = plan.sku_events[event.sku] = SkuEvents()
+        # A SKU's events go in strictly rising versions; a lower one is a decision the
         # processor repeated after a crash, and the SKU has it already.
-        if not changes or event.version > changes[-1].version:
-            changes.append(
-                SkuChange(event.version, kind, event.qty, order_id, event.available_after, event.occurred_at)
-            )
+        if event.version > sku_events.version:
+            sku_events.script_args += (event.version, kind, event.qty, order_id)
+            sku_events.version = event.version
+            sku_events.available_after, sku_events.occurred_at = event.available_after, event.occurred_at
         if order_id:
             # The first document of a status wins, in the batch as in Redis (HSETNX).
             plan.order_lines.setdefault((order_id, line_field(event.sku, event)), order_document(event))
