@@ -3,10 +3,12 @@ if asked, make it the live one.
 
 The read models are a fold of the event log, so they can always be made again: for a new
 projection, or for damage the watermarks cannot see. Readers keep the live database meanwhile.
-The log is split by partition among worker processes (the fold is CPU-bound Python, one
-process per core), each a ``ProjectionWorker`` folding its share up to the end offsets the
-log had when the rebuild began; the share is assigned, not balanced by a consumer group, so
-no worker waits for a rebalance.
+The partitions are folded by worker processes (the fold is CPU-bound Python, one process per
+core), each a ``ProjectionWorker`` taking the next partition, the longest first, as soon as it
+has read the last one up to the end offset it had when the rebuild began. Taken, not dealt out
+in advance: with hot SKUs a few partitions hold most of the events, and a worker dealt them
+folded them alone while the others were done. Assigned, not balanced by a consumer group, so no
+worker waits for a rebalance.
 
 The switch swaps the two databases (``SWAPDB``, atomic for every client), and only while no
 projection worker is in its group: a live worker writing across the swap could put a
@@ -78,22 +80,20 @@ def rebuild(
     # First: with Kafka unreachable, nothing is emptied. Partitions without records are left out.
     ends = end_offsets(settings, settings.events_topic)
     target = _emptied(settings, database, workers)
-    shares = split_partitions(ends, workers)
+    processes = min(workers, len(ends))  # a worker with no partition to take would only start up
     total = sum(ends.values())
     started = time.monotonic()
-    events = _fold_in_processes(target, shares, total, on_progress)
-    return Rebuilt(database, events, total, len(shares), time.monotonic() - started)
+    events = _fold_in_processes(target, taking_order(ends), processes, total, on_progress)
+    return Rebuilt(database, events, total, processes, time.monotonic() - started)
 
 
-def split_partitions(ends: dict[int, int], workers: int) -> list[dict[int, int]]:
-    """The partitions with records, dealt out round robin to at most ``workers`` shares.
-
-    Round robin, as the partitions hold about the same number of events. Dealt by their place
-    among the partitions with records, not by partition number: with events on partitions 0 and
-    2 alone, two workers get one each, not one worker both.
+def taking_order(ends: dict[int, int]) -> list[tuple[int, int]]:
+    """The (partition, end offset) pairs with records, in the order the workers take them:
+    the most messages first, so that the last ones taken are short and the workers finish
+    together. Only a guide (a hot SKU's partition has fuller frames, not more of them): a
+    worker taking the next as soon as it has read the last evens out the rest.
     """
-    partitions = sorted(ends)
-    return [{p: ends[p] for p in partitions[i::workers]} for i in range(min(workers, len(partitions)))]
+    return sorted(ends.items(), key=lambda pair: (-pair[1], pair[0]))
 
 
 def _emptied(settings: Settings, database: int, workers: int) -> Settings:
@@ -121,21 +121,25 @@ def _emptied(settings: Settings, database: int, workers: int) -> Settings:
 
 def _fold_in_processes(
     target: Settings,
-    shares: list[dict[int, int]],
+    order: list[tuple[int, int]],
+    workers: int,
     total: int,
     on_progress: Callable[[int, int, int], None] | None,
 ) -> int:
-    """One worker process per share of the partitions; the events they folded."""
+    """``workers`` processes taking the partitions in ``order``; the events they folded."""
     context = multiprocessing.get_context("spawn")  # no librdkafka threads copied by a fork
     reports: Any = context.Queue()
+    partitions: Any = context.Queue()  # (partition, end offset), then None for each worker
+    for item in [*order, *[None] * workers]:
+        partitions.put(item)
     processes = [
         context.Process(
-            target=_fold_share, args=(target, share, i, reports), name=f"rebuild-{i}", daemon=True
+            target=_fold_partitions, args=(target, partitions, i, reports), name=f"rebuild-{i}", daemon=True
         )
-        for i, share in enumerate(shares)
+        for i in range(workers)
     ]
-    covered = [0] * len(shares)
-    events = [0] * len(shares)
+    covered = [0] * workers
+    events = [0] * workers
     try:
         for process in processes:
             process.start()
@@ -168,24 +172,27 @@ def _check_alive(processes: list[Any], finished: set[int]) -> None:
         if i not in finished and not process.is_alive():
             raise RebuildError(
                 f"rebuild worker {i} (pid {process.pid}) ended with exit code {process.exitcode}"
-                " before folding its share; its log lines are above"
+                " before it was done; its log lines are above"
             )
 
 
-def _fold_share(settings: Settings, ends: dict[int, int], index: int, reports: Any) -> None:
-    """A worker process: fold ``ends``' partitions into the target database, reporting progress."""
+def _fold_partitions(settings: Settings, partitions: Any, index: int, reports: Any) -> None:
+    """A worker process: fold the partitions it takes from ``partitions`` into the target
+    database, reporting progress."""
     try:
         worker = ProjectionWorker(settings, rebuilding=True)
         reported = 0.0
+        covered = 0
 
-        def progress(covered: int) -> None:
-            nonlocal reported
+        def progress(offsets: int) -> None:
+            nonlocal reported, covered
+            covered = offsets
             if time.monotonic() - reported >= PROGRESS_EVERY_S:
                 reports.put(("progress", index, covered, worker.events_applied))
                 reported = time.monotonic()
 
-        worker.fold(ends, progress)
-        reports.put(("done", index, sum(ends.values()), worker.events_applied))
+        worker.fold(partitions.get, progress)
+        reports.put(("done", index, covered, worker.events_applied))
     except BaseException:
         reports.put(("failed", index, traceback.format_exc(limit=5), 0))
         raise

@@ -1,11 +1,11 @@
-"""Where a rebuild writes (the live Redis URL with another database number), and how it shares
-the partitions among its workers."""
+"""Where a rebuild writes (the live Redis URL with another database number), and in which order
+its workers take the partitions."""
 
 from __future__ import annotations
 
 import pytest
 
-from projections.rebuild import database_url, split_partitions
+from projections.rebuild import database_url, taking_order
 
 
 @pytest.mark.parametrize(
@@ -20,16 +20,6 @@ def test_the_rebuilt_database_is_the_live_url_with_another_number(live: str, reb
     assert database_url(live, 7) == rebuilt
 
 
-@pytest.mark.parametrize(
-    ("ends", "workers", "shares"),
-    [
-        ({0: 5, 2: 7}, 2, [{0: 5}, {2: 7}]),  # events on partitions of one parity only
-        ({0: 1, 1: 2, 2: 3, 3: 4}, 2, [{0: 1, 2: 3}, {1: 2, 3: 4}]),
-        ({3: 9}, 4, [{3: 9}]),  # more workers than partitions with records: one each
-        ({}, 2, []),
-    ],
-)
-def test_every_worker_gets_partitions_with_records(
-    ends: dict[int, int], workers: int, shares: list[dict[int, int]]
-) -> None:
-    assert split_partitions(ends, workers) == shares
+def test_the_workers_take_the_partitions_with_the_most_messages_first() -> None:
+    assert taking_order({0: 5, 2: 7, 3: 7, 9: 1}) == [(2, 7), (3, 7), (0, 5), (9, 1)]
+    assert taking_order({}) == []
