@@ -66,7 +66,7 @@ FOLD_FETCH_WAIT_MS = 10
 
 class ProjectionWorker:
     def __init__(self, settings: Settings, rebuilding: bool = False) -> None:
-        """``rebuilding``: a share of a rebuild (``projections.rebuild``), not a live worker.
+        """``rebuilding``: a worker of a rebuild (``projections.rebuild``), not a live worker.
         It leaves dead letters to the live workers, which parked them already, records no
         latencies (its events were created long ago) and commits no offsets."""
         self._settings = settings

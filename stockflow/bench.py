@@ -297,7 +297,7 @@ def publish_orders(
 
 def replay(settings: Settings, expected: int, workers: int, say: Say) -> float:
     """Events per second folded from the event log into an empty Redis database by
-    ``stockflow rebuild``'s worker processes, each a share of the partitions."""
+    ``stockflow rebuild``'s worker processes, taking the partitions one after another."""
     rebuilt = rebuild(settings, REPLAY_REDIS_DB, workers)
     if rebuilt.events < expected:
         raise StackError(f"replay: {rebuilt.events:,} of {expected:,} events folded")

@@ -554,7 +554,7 @@ def rebuild_command(
         int, typer.Option(help="Redis database to rebuild into; emptied first, never the live one.")
     ] = 1,
     workers: Annotated[
-        int, typer.Option(help="Processes folding the log, each a share of the partitions.")
+        int, typer.Option(help="Processes folding the log, taking the partitions one after another.")
     ] = os.cpu_count() or 1,
     check: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare the result with a fold of the log.")
