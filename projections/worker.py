@@ -101,7 +101,6 @@ class ProjectionWorker:
         self._written: list[tuple[int, int, Event | None]] = []
         # The batch read while the last one was being written: the next to write.
         self._next: list[tuple[int, int, Event | None]] = []
-        self._read: dict[int, int] = {}  # partition -> the last offset read (a rebuild's fold)
         self._writing_since = 0.0
         self._paused = False
         self._uncommitted = False  # offsets applied since the last commit
@@ -147,7 +146,11 @@ class ProjectionWorker:
         taking = True
         try:
             while True:
-                reading = [(p, end) for p, end in reading if self._read.get(p, -1) + 1 < end]
+                if reading:  # position: one past the last message consumed, kept by the client
+                    read = self._consumer.position([TopicPartition(topic, p) for p, _ in reading])
+                    reading = [
+                        (tp.partition, ends[tp.partition]) for tp in read if tp.offset < ends[tp.partition]
+                    ]
                 while taking and len(reading) < FOLD_PARTITIONS_AT_ONCE:
                     share = take()
                     if share is None:
@@ -229,7 +232,6 @@ class ProjectionWorker:
                 assert partition is not None and offset is not None
                 # An EventBatch frame holds many events at one offset; None marks a dead letter.
                 self._next.extend((partition, offset, event) for event in self._decode(message))
-                self._read[partition] = offset
             room = self._settings.projection_batch_size - len(self._next)
             if room <= 0:
                 break
