@@ -198,11 +198,10 @@ def event_id_for(command_id: str, index: int = 0) -> str:
     which cost the processor a tenth of its time."""
     sha1 = _NAMESPACE_SHA1.copy()
     sha1.update(f"{command_id}/{index}".encode())
-    digest = bytearray(sha1.digest())
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest[:16].hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+    h = sha1.hexdigest()
+    # Version 5 in the 13th digit; the RFC 4122 variant (binary 10xx) in the 17th.
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
 
 
 def validate_command(command: Command) -> None:
