@@ -14,6 +14,8 @@ from which the topics and read models of the warm-up and of the workloads before
 6. replay: `stockflow rebuild` folds the whole event log into an empty Redis database, one
    worker process per core;
 7. CRUD: the same orders as PostgreSQL transactions, with pgbench and from Python.
+Before and after it all, the pipeline's pure Python per command, timed alone: how fast the box
+was around the run (``reference_cpu_us``).
 Writes results.json, REPORT.md and PNG plots.
 """
 
@@ -25,6 +27,7 @@ import os
 import platform
 import random
 import socket
+import statistics
 import threading
 import time
 import uuid
@@ -37,6 +40,7 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
+from processors.domain import Stock, decide
 from producers.commands import place_order, restock
 from producers.load import ACK_WAIT_S, LoadProfile, run_load
 from producers.publisher import Publisher, producer_config
@@ -494,6 +498,44 @@ def bench_crud(options: BenchOptions, say: Say) -> dict[str, dict[str, float]]:
     return results
 
 
+# Orders in one round of the reference work (about 0.1 s of CPU here).
+REFERENCE_ORDERS = 2_000
+
+
+def reference_work(orders: int = REFERENCE_ORDERS) -> int:
+    """The Python every command costs the pipeline, without Kafka or Redis: its Avro round trip
+    (the publisher's encoding, the processor's decoding), its decision, and its event's round
+    trip (the processor's encoding, the projection's decoding). Returns the events decoded."""
+    commands = [
+        place_order(f"SKU-{i % 100:05d}", 1 + i % 3, order_id=f"o-{i}", command_id=str(uuid.UUID(int=i)))
+        for i in range(orders)
+    ]
+    stock = Stock("", available=1_000_000)
+    events = [
+        event
+        for command in codec.decode_commands(codec.encode_batch(commands))
+        for event in decide(stock._replace(sku=command.sku), command, command.occurred_at)
+    ]
+    return len(codec.decode_events(codec.encode_batch(events)))
+
+
+def reference_cpu_us(rounds: int = 7) -> float:
+    """CPU time of this thread per order of ``reference_work``, the median of ``rounds``.
+
+    How fast the box runs the pipeline's kind of Python at the moment. Here it swings by up to
+    3x within seconds, idle (rounds of 0.1 s took 29-96 us an order within 6 s), for every part
+    alike;
+    pgbench does not follow it (PostgreSQL waits on its commits more than on the CPU). Taken at
+    the start and the end of a run, it says whether the box was fast or slow around it.
+    """
+    times = []
+    for _ in range(rounds):
+        started = time.thread_time()
+        reference_work()
+        times.append(time.thread_time() - started)
+    return statistics.median(times) / REFERENCE_ORDERS * 1e6
+
+
 def run_bench(base: Settings, options: BenchOptions, say: Say = print) -> dict[str, Any]:
     options.out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(
@@ -524,6 +566,8 @@ def run_bench(base: Settings, options: BenchOptions, say: Say = print) -> dict[s
         "durability": {"pipeline": PIPELINE_DURABILITY, "crud": CRUD_DURABILITY},
         "workloads": {},
     }
+    reference = {"start": reference_cpu_us()}
+    say(f"Reference work: {reference['start']:.1f} us of CPU per order (the box's speed for Python)")
     crud = bench_crud(options, say)
     stack = LocalStack(settings, say=say)
     run = uuid.uuid4().hex[:6]
@@ -541,6 +585,8 @@ def run_bench(base: Settings, options: BenchOptions, say: Say = print) -> dict[s
             clear_away(mine, workload_prefix(run, name))
     finally:
         stack.down()
+    reference["end"] = reference_cpu_us()
+    results["machine"]["reference_cpu_us_per_order"] = reference
     options.json_path.parent.mkdir(parents=True, exist_ok=True)
     options.json_path.write_text(json.dumps(results, indent=2) + "\n")
     (options.out_dir / "REPORT.md").write_text(report_markdown(results))
@@ -557,11 +603,18 @@ TARGETS = {
 def report_markdown(results: dict[str, Any]) -> str:
     """The report: one table per workload, ratios against CRUD, durability of each side."""
     machine = results["machine"]
+    reference = machine["reference_cpu_us_per_order"]
     lines = [
         "# stockflow benchmark",
         "",
         f"{machine['cpus']} CPUs, Python {machine['python']}, Apache Kafka {machine['kafka']};"
         f" settings: {json.dumps(results['settings'])}.",
+        "",
+        "Reference work, us of CPU per order at the start / end of the run:"
+        f" {reference['start']:.1f} / {reference['end']:.1f}. The Avro round trips of a command and"
+        " its event and its decision, timed alone in the bench process (median of 7 rounds): the"
+        " box's speed for Python around the run, which pgbench does not follow. CPU figures of"
+        " runs whose references differ much are not comparable.",
         "",
     ]
     for name, w in results["workloads"].items():

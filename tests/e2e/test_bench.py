@@ -65,7 +65,10 @@ def test_bench_writes_every_figure_for_the_workload(tmp_path: Path) -> None:
             bench.terminate()
             bench.wait(120)
     assert bench.returncode == 0, output[-4000:]
-    hot = json.loads((tmp_path / "results.json").read_text())["workloads"]["hot"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["machine"]["reference_cpu_us_per_order"]) == {"start", "end"}
+    assert all(us > 0 for us in results["machine"]["reference_cpu_us_per_order"].values())
+    hot = results["workloads"]["hot"]
     for key in REQUIRED:
         assert hot[key] > 0, key
     assert set(hot["latency_ms_at_half_load"]) == {"p50", "p99", "p999"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stockflow.bench import report_markdown
+from stockflow.bench import reference_cpu_us, reference_work, report_markdown
 
 
 def workload(e2e: float, pgbench: float) -> dict[str, Any]:
@@ -37,7 +37,12 @@ def workload(e2e: float, pgbench: float) -> dict[str, Any]:
 
 def test_the_report_states_each_ratio_and_both_sides_durability() -> None:
     results = {
-        "machine": {"cpus": 2, "python": "3.11", "kafka": "4.1.1"},
+        "machine": {
+            "cpus": 2,
+            "python": "3.11",
+            "kafka": "4.1.1",
+            "reference_cpu_us_per_order": {"start": 20.0, "end": 30.0},
+        },
         "settings": {"partitions": 12, "replay_workers": 2},
         "durability": {"pipeline": "acks=all", "crud": "fsync=on"},
         "workloads": {"hot": workload(e2e=6_000.0, pgbench=4_000.0)},
@@ -55,4 +60,10 @@ def test_the_report_states_each_ratio_and_both_sides_durability() -> None:
         " | 20.0 / 10.5 / 12.0 (total 42.5) | |" in report
     )
     assert "| replay into an empty read model (2 processes), events/s | 30,000 | 200,000 |" in report
+    assert "Reference work, us of CPU per order at the start / end of the run: 20.0 / 30.0." in report
     assert "- Pipeline: acks=all." in report and "- CRUD: fsync=on." in report
+
+
+def test_the_reference_work_decides_and_round_trips_every_order() -> None:
+    assert reference_work(orders=50) == 50  # one event per order, decoded back
+    assert reference_cpu_us(rounds=1) > 0
