@@ -498,18 +498,16 @@ def bench_crud(options: BenchOptions, say: Say) -> dict[str, dict[str, float]]:
     return results
 
 
-# Orders in one round of the reference work (about 0.1 s of CPU here).
+# Orders in one round of the reference work (about 0.1 s of CPU here), and rounds per figure.
 REFERENCE_ORDERS = 2_000
+REFERENCE_ROUNDS = 7
 
 
 def reference_work(orders: int = REFERENCE_ORDERS) -> int:
     """The Python every command costs the pipeline, without Kafka or Redis: its Avro round trip
     (the publisher's encoding, the processor's decoding), its decision, and its event's round
     trip (the processor's encoding, the projection's decoding). Returns the events decoded."""
-    commands = [
-        place_order(f"SKU-{i % 100:05d}", 1 + i % 3, order_id=f"o-{i}", command_id=str(uuid.UUID(int=i)))
-        for i in range(orders)
-    ]
+    commands = [place_order(f"SKU-{i % 100:05d}", 1 + i % 3) for i in range(orders)]
     stock = Stock("", available=1_000_000)
     events = [
         event
@@ -519,14 +517,13 @@ def reference_work(orders: int = REFERENCE_ORDERS) -> int:
     return len(codec.decode_events(codec.encode_batch(events)))
 
 
-def reference_cpu_us(rounds: int = 7) -> float:
+def reference_cpu_us(rounds: int = REFERENCE_ROUNDS) -> float:
     """CPU time of this thread per order of ``reference_work``, the median of ``rounds``.
 
     How fast the box runs the pipeline's kind of Python at the moment. Here it swings by up to
     3x within seconds, idle (rounds of 0.1 s took 29-96 us an order within 6 s), for every part
-    alike;
-    pgbench does not follow it (PostgreSQL waits on its commits more than on the CPU). Taken at
-    the start and the end of a run, it says whether the box was fast or slow around it.
+    alike; pgbench does not follow it (PostgreSQL waits on its commits more than on the CPU).
+    Taken at the start and the end of a run, it says whether the box was fast or slow around it.
     """
     times = []
     for _ in range(rounds):
@@ -612,9 +609,9 @@ def report_markdown(results: dict[str, Any]) -> str:
         "",
         "Reference work, us of CPU per order at the start / end of the run:"
         f" {reference['start']:.1f} / {reference['end']:.1f}. The Avro round trips of a command and"
-        " its event and its decision, timed alone in the bench process (median of 7 rounds): the"
-        " box's speed for Python around the run, which pgbench does not follow. CPU figures of"
-        " runs whose references differ much are not comparable.",
+        f" its event and its decision, timed alone in the bench process (median of {REFERENCE_ROUNDS}"
+        " rounds): the box's speed for Python around the run, which pgbench does not follow. CPU"
+        " figures of runs whose references differ much are not comparable.",
         "",
     ]
     for name, w in results["workloads"].items():
