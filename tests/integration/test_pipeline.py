@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 from confluent_kafka import Producer
 
-from producers.commands import place_order, restock
+from producers.commands import cancel_order, place_order, restock
 from producers.publisher import Publisher
 from projections.queries import ReadModels
 from schemas.codec import codec
-from schemas.records import Command, OrderProcessed, OrderRejected, PlaceOrder, StockReplenished
+from schemas.records import (
+    Command,
+    OrderCancelled,
+    OrderProcessed,
+    OrderRejected,
+    PlaceOrder,
+    StockReplenished,
+)
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
@@ -24,8 +31,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
 
 @pytest.fixture
-def publisher(settings: Settings, stack: LocalStack) -> Publisher:
-    return Publisher(settings)
+def publisher(settings: Settings, stack: LocalStack) -> Iterator[Publisher]:
+    publisher = Publisher(settings)
+    yield publisher
+    publisher.close()
 
 
 @pytest.fixture
@@ -94,6 +103,54 @@ def test_a_command_sent_twice_is_decided_once(
     stock = models.stock(sku)
     assert stock is not None
     assert stock["available"] == 10 - 4 + 1
+
+
+def test_an_order_line_is_found_on_its_own_sku_whatever_the_ids_hold(
+    settings: Settings, publisher: Publisher, models: ReadModels, unique: Callable[[str], str]
+) -> None:
+    """SKU "K" with order "RED/o" and SKU "K/RED" with order "o", on one partition: the
+    processor keeps a partition's order lines by SKU and order id, and must not take one line
+    for the other (it once did, and a cancel of an order never placed on K/RED released the
+    units of K's order there)."""
+    sku = next(
+        name
+        for name in (unique(f"SKU{i}") for i in range(1000))
+        if partition_for(name.encode(), settings.partitions)
+        == partition_for(f"{name}/RED".encode(), settings.partitions)
+    )
+    slashed, order_id = f"{sku}/RED", unique("order")
+    # Decided in batches before the commands below, the order's line saved before the slashed
+    # SKU's row: a line saved after its SKU's row is taken for a crash's leftover, and ignored.
+    first: list[Command] = [
+        restock(sku, 10),
+        place_order(sku, 3, order_id=f"RED/{order_id}"),
+        restock(slashed, 10),
+    ]
+    for command in first:
+        publisher.publish(command)
+    wait_for("the first restocks and order", lambda: (models.stock(slashed) or {}).get("version") == 1)
+    later: list[Command] = [
+        cancel_order(slashed, order_id),  # never placed on the slashed SKU: refused
+        place_order(slashed, 2, order_id=order_id),  # a new order there, not a repeat
+        cancel_order(sku, f"RED/{order_id}"),
+    ]
+    for command in later:
+        publisher.publish(command)
+
+    wait_for("the last cancel", lambda: (models.stock(sku) or {}).get("version") == 3)
+    wait_for("the slashed SKU's order", lambda: (models.stock(slashed) or {}).get("version") == 3)
+    assert [(type(e), e.available_after) for e in events_for(settings, slashed)] == [
+        (StockReplenished, 10),
+        (OrderRejected, 10),
+        (OrderProcessed, 8),
+    ]
+    assert [(type(e), e.available_after) for e in events_for(settings, sku)] == [
+        (StockReplenished, 10),
+        (OrderProcessed, 7),
+        (OrderCancelled, 10),
+    ]
+    refused = events_for(settings, slashed)[1]
+    assert isinstance(refused, OrderRejected) and "was never processed for this SKU" in refused.reason
 
 
 def test_garbage_goes_to_the_dead_letter_topic_and_the_worker_goes_on(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from faust.serializers import codecs
 
-from processors.app import from_json, to_json
+from processors.app import from_json, line_key, to_json
 
 # One of each record the table writes (see CommandHandler), with a SKU outside ASCII.
 RECORDS: list[tuple[str, Any]] = [
@@ -40,3 +40,19 @@ def test_records_faust_wrote_read_back_with_the_table_reader() -> None:
     for key, value in RECORDS:
         assert from_json(codecs.dumps("json", key)) == key
         assert from_json(codecs.dumps("json", value)) == _plain(value)
+
+
+def test_an_order_line_key_names_one_sku_and_one_order() -> None:
+    pairs = [
+        ("K", "RED/o"),
+        ("K/RED", "o"),
+        ("K/", "RED/o"),
+        ("K", "/RED/o"),
+        ("K/RED/o", "x"),
+        ("K%2FRED", "o"),
+        ("K RED", "o"),
+        ("K/RED", " o"),
+    ]
+    assert len({line_key(sku, order_id) for sku, order_id in pairs}) == len(pairs)
+    # A SKU without "/" keeps the key the changelogs already hold its lines under.
+    assert line_key("SKU-00042", "0b5f/order") == "SKU-00042/0b5f/order"
