@@ -16,6 +16,11 @@ from typing import Any, TypeVar
 from stockflow.errors import InvalidCommand
 
 MAX_SKU_LENGTH = 64
+# The largest values the schemas hold: qty is an Avro int, a version an Avro long. fastavro
+# writes a larger qty as a long without complaint, and a reader keeping to the schema (Java's)
+# fails on it or wraps it.
+MAX_QTY = 2**31 - 1
+MAX_VERSION = 2**63 - 1
 
 
 T = TypeVar("T")
@@ -219,13 +224,17 @@ def validate_command(command: Command) -> None:
         problems.append("sku is empty: name the stock-keeping unit the command is about")
     elif len(command.sku) > MAX_SKU_LENGTH:
         problems.append(f"sku is {len(command.sku)} characters long: at most {MAX_SKU_LENGTH}")
-    if isinstance(command, (PlaceOrder, Restock)) and command.qty <= 0:
-        problems.append(f"qty is {command.qty}: it must be a whole number of units, at least 1")
+    if isinstance(command, (PlaceOrder, Restock)):
+        if command.qty <= 0:
+            problems.append(f"qty is {command.qty}: it must be a whole number of units, at least 1")
+        elif command.qty > MAX_QTY:
+            problems.append(f"qty is {command.qty}: at most {MAX_QTY} units in one command")
     if isinstance(command, (PlaceOrder, CancelOrder)) and not command.order_id.strip():
         problems.append("order_id is empty: name the order this command is about")
-    if command.expected_version is not None and command.expected_version < 0:
+    if command.expected_version is not None and not 0 <= command.expected_version <= MAX_VERSION:
         problems.append(
-            f"expected_version is {command.expected_version}: use a version >= 0, or leave it out"
+            f"expected_version is {command.expected_version}: use a version from 0 to {MAX_VERSION},"
+            " or leave it out"
         )
     if problems:
         kind = type(command).__name__

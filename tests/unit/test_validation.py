@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import json
 import uuid
 
+import fastavro
 import pytest
 
 from producers.commands import cancel_order, place_order, restock
-from schemas.records import Command, validate_command
+from schemas.codec import SCHEMA_DIR
+from schemas.records import MAX_QTY, MAX_VERSION, Command, validate_command
 from stockflow.errors import InvalidCommand
 
 
@@ -20,6 +23,9 @@ from stockflow.errors import InvalidCommand
         (restock("SKU-1", 0), "qty is 0"),
         (cancel_order("SKU-1", ""), "order_id is empty"),
         (place_order("SKU-1", 1, expected_version=-1), "expected_version is -1"),
+        (place_order("SKU-1", 2**31), "qty is 2147483648: at most 2147483647 units in one command"),
+        (restock("SKU-1", 10**30), "qty is 1000000000000000000000000000000: at most"),
+        (place_order("SKU-1", 1, expected_version=2**63), "expected_version is 9223372036854775808: use a"),
     ],
 )
 def test_invalid_commands_are_refused_with_what_to_fix(command: Command, message: str) -> None:
@@ -35,8 +41,21 @@ def test_every_problem_is_reported_at_once() -> None:
 
 
 def test_valid_commands_pass() -> None:
-    for command in (place_order("SKU-1", 1), restock("SKU-1", 5), cancel_order("SKU-1", "o-1")):
+    for command in (
+        place_order("SKU-1", 1),
+        restock("SKU-1", 5),
+        cancel_order("SKU-1", "o-1"),
+        restock("SKU-1", MAX_QTY, expected_version=MAX_VERSION),
+    ):
         validate_command(command)
+
+
+def test_the_largest_values_allowed_are_the_schemas_own() -> None:
+    schema = fastavro.parse_schema(json.loads((SCHEMA_DIR / "Restock.v1.avsc").read_text()))
+    fields = vars(restock("SKU-1", MAX_QTY, expected_version=MAX_VERSION))
+    assert fastavro.validate(fields, schema)
+    for too_large in ({"qty": MAX_QTY + 1}, {"expected_version": MAX_VERSION + 1}):
+        assert not fastavro.validate({**fields, **too_large}, schema, raise_errors=False)
 
 
 def test_new_ids_are_distinct_random_uuids_in_canonical_text() -> None:
