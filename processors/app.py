@@ -15,8 +15,9 @@ Processing guarantee: Faust's at-least-once, made exact for decisions.
 - Everything a command changes is one table, so it goes to one changelog partition in order,
   the SKU rows and the partition's handled offset last: a crash keeps a consistent prefix, and
   order lines carry the offsets that wrote them, so a line ahead of its SKU row is ignored.
-  A batch's order lines are one changelog record per partition, not one per order, and all its
-  changes of a partition go out as one Kafka record batch unless they outgrow one.
+  A batch's order lines are one changelog record per partition, not one per order (more only
+  when long ids could make one outgrow a Kafka message), and all its changes of a partition go
+  out as one Kafka record batch unless they outgrow one.
 - A replayed command already in the state is skipped by offset; one whose state did not
   survive is decided again from the same prior state, giving the same event (same id, same
   version), which every reader drops as a repeat.
@@ -53,7 +54,7 @@ from faust.types import TP, ProducerT, StreamT, TopicT
 from processors.dedupe import RecentCommands, decided_command_ids, refusal
 from processors.domain import OrderLine, Stock, decide, evolve
 from processors.transport import Consumer, Transport
-from schemas.codec import codec
+from schemas.codec import MAX_FRAME_BYTES, codec
 from schemas.records import (
     CancelOrder,
     Command,
@@ -102,6 +103,32 @@ def line_key(sku: str, order_id: str) -> str:
     return f"{sku}/{order_id}"
 
 
+# A changelog record is one Kafka message, so a batch's order lines or ids on a partition are
+# cut into several records when their JSON could outgrow a frame (long ids only). JSON takes at
+# most 6 bytes a character (orjson writes a control character as \u00XX); an order line's four
+# numbers take at most 100 with their punctuation.
+JSON_BYTES_PER_CHAR = 6
+LINE_NUMBERS_BYTES = 100
+ID_QUOTES_BYTES = 3
+
+
+def within_a_message(texts: list[str], overhead: int) -> list[slice]:
+    """Runs of a changelog record's entries, known by their ids (``texts``, in order), whose
+    JSON takes at most MAX_FRAME_BYTES, each entry ``overhead`` bytes besides its id: one run
+    unless the ids are long (summed first: cutting entry by entry cost 0.7 us a command)."""
+    if JSON_BYTES_PER_CHAR * sum(map(len, texts)) + overhead * len(texts) <= MAX_FRAME_BYTES:
+        return [slice(0, len(texts))]
+    runs, start, total = [], 0, 0
+    for index, text in enumerate(texts):
+        cost = JSON_BYTES_PER_CHAR * len(text) + overhead
+        if index > start and total + cost > MAX_FRAME_BYTES:
+            runs.append(slice(start, index))
+            start, total = index, 0
+        total += cost
+    runs.append(slice(start, len(texts)))
+    return runs
+
+
 # A line is forgotten once the cancel window has passed since it was placed plus this much (or
 # plus the window, if shorter): a command appended later must find it past the window even if
 # the broker's clock stepped back by less than this meanwhile.
@@ -122,7 +149,8 @@ class LineIndex(dict[str, Line]):
 # Kafka's timestamp type of a record the broker stamped when it appended it (aiokafka's value).
 LOG_APPEND_TIME = 1
 
-# Events per EventBatch frame: well under Kafka's 1 MB message limit (an event is ~150 bytes).
+# Events per EventBatch frame (an event is ~150 bytes): fewer when long ids make a frame larger
+# than a Kafka message may be (``codec.encode_batches``).
 EVENTS_PER_FRAME = 1000
 
 # Container allocations between the garbage collector's young passes (Python's default: 700).
@@ -603,12 +631,11 @@ class CommandHandler:
 
     async def _send_events(self, batch: Batch) -> None:
         for partition, events in batch.events.items():
-            for start in range(0, len(events), EVENTS_PER_FRAME):
-                frame = events[start : start + EVENTS_PER_FRAME]
+            for frame, value in codec.encode_batches(events, EVENTS_PER_FRAME):
                 delivery = await self.producer.send(
                     self.settings.events_topic,
                     None,  # the partition is named; the frame holds many SKUs of it
-                    codec.encode_batch(frame),
+                    value,
                     partition,
                     None,
                     [("type", b"EventBatch"), ("count", str(len(frame)).encode())],
@@ -624,11 +651,17 @@ class CommandHandler:
         # Before this batch's records join them: only records already in the table are dropped.
         forgotten = {partition: self._forget_past_window(partition) for partition in batch.handled}
         for partition, lines in batch.lines.items():
-            chunk = self.next_chunk[partition]
-            self.next_chunk[partition] = chunk + 1
-            changes.setdefault(partition, []).append((f"l:{partition}:{chunk}", lines))
-            self.lines[partition].update(lines)
-            self.chunks[partition].append((chunk, max(line[3] for line in lines.values())))
+            names = list(lines)
+            runs = within_a_message(names, LINE_NUMBERS_BYTES)
+            records = (
+                [lines] if len(runs) == 1 else [{name: lines[name] for name in names[run]} for run in runs]
+            )
+            for record in records:
+                chunk = self.next_chunk[partition]
+                self.next_chunk[partition] = chunk + 1
+                changes.setdefault(partition, []).append((f"l:{partition}:{chunk}", record))
+                self.lines[partition].update(record)
+                self.chunks[partition].append((chunk, max(line[3] for line in record.values())))
         for partition, last in batch.handled.items():
             changes.setdefault(partition, []).extend(self._save_ids(partition, batch.first[partition], last))
         for sku, working in batch.skus.items():
@@ -645,17 +678,18 @@ class CommandHandler:
             await self.table.write(partition, partition_changes)
 
     def _save_ids(self, partition: int, first: int, last: int) -> list[tuple[str, Any]]:
-        """The batch's retry-window ids as an r: record, after deleting any a crash left stale
-        (before the partition's handled offset moves past them, or they would look valid)."""
+        """The batch's retry-window ids as an r: record (several if they are long), after
+        deleting any a crash left stale (before the partition's handled offset moves past them,
+        or they would look valid)."""
         changes: list[tuple[str, Any]] = [(key, None) for key in self.stale_id_records[partition]]
         self.stale_id_records[partition] = []
         ids = self.recent[partition].take_unsaved()
-        if ids:
+        for run in within_a_message(ids, ID_QUOTES_BYTES) if ids else []:
             n = self.next_id_record[partition]
             self.next_id_record[partition] = n + 1
-            changes.append((f"r:{partition}:{n}", [first, last, ids]))
-            self.id_records[partition].append((n, len(ids)))
-            self.saved_ids[partition] += len(ids)
+            changes.append((f"r:{partition}:{n}", [first, last, ids[run]]))
+            self.id_records[partition].append((n, len(ids[run])))
+            self.saved_ids[partition] += len(ids[run])
         return changes
 
     def _trim_ids(self, partition: int) -> list[tuple[str, None]]:

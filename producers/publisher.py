@@ -115,13 +115,22 @@ class Publisher:
         for command in commands:
             partition = partition_for(command.sku.encode(), self._settings.partitions)
             by_partition.setdefault(partition, []).append(command)
-        size = self._settings.publish_batch_size
         for partition, group in by_partition.items():
-            for start in range(0, len(group), size):
-                self._produce(partition, group[start : start + size], on_delivery)
+            if len(group) == 1:  # a single command is framed on its own, as any client may send it
+                self._produce(partition, group, codec.encode(group[0]), type(group[0]).__name__, on_delivery)
+                continue
+            for frame, value in codec.encode_batches(group, self._settings.publish_batch_size):
+                self._produce(partition, frame, value, "CommandBatch", on_delivery)
         self._producer.poll(0)
 
-    def _produce(self, partition: int, frame: list[Command], on_delivery: DeliveryCallback | None) -> None:
+    def _produce(
+        self,
+        partition: int,
+        frame: Sequence[Command],
+        value: bytes,
+        kind: str,
+        on_delivery: DeliveryCallback | None,
+    ) -> None:
         def delivered(error: KafkaError | None, message: Message) -> None:
             if on_delivery is None:
                 return
@@ -131,10 +140,8 @@ class Publisher:
                 else:
                     on_delivery(command, Receipt(command.command_id, partition, message.offset() or 0), None)
 
-        if len(frame) == 1:  # a single command is framed on its own, as any client may send it
-            key, value, kind = frame[0].sku.encode(), codec.encode(frame[0]), type(frame[0]).__name__
-        else:  # the partition is named; the frame holds many SKUs of it
-            key, value, kind = None, codec.encode_batch(frame), "CommandBatch"
+        # A batch frame has no key: the partition is named, and the frame holds many SKUs of it.
+        key = None if kind == "CommandBatch" else frame[0].sku.encode()
         headers: list[tuple[str, str | bytes | None]] = [("type", kind.encode())]
         while True:
             try:

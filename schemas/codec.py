@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -29,9 +29,14 @@ from schemas.records import COMMAND_TYPES, EVENT_TYPES, Command, Event, Record, 
 from stockflow.errors import DecodeError
 
 SCHEMA_DIR = Path(__file__).parent / "avro"
+# A frame is one Kafka message: under the clients' and the broker's limit for one (about 1 MB
+# by default), with room for its key, its headers and the record batch around it.
+MAX_FRAME_BYTES = 900_000
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
+
+R = TypeVar("R", bound=Record)
 
 RECORD_CLASSES: Mapping[str, type[Record]] = {cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES)}
 # Full Avro names of the records, both ways: batch items are written and read as (name, fields).
@@ -86,6 +91,23 @@ class AvroCodec:
                 items = [(_FULL_NAME[type(r)], vars(r)) for r in records]
                 return self._frame(batch, {field: items})
         raise ValueError("a batch holds only commands or only events, not both")
+
+    def encode_batches(self, records: Sequence[R], max_records: int) -> list[tuple[Sequence[R], bytes]]:
+        """``records`` in order as batch frames of at most ``max_records`` records and
+        MAX_FRAME_BYTES bytes each, with the records each holds. A frame over the bytes is cut
+        in two and encoded again: only long ids make one that large, and measuring the frame
+        rather than each record leaves the common case encoded once."""
+        frames: list[tuple[Sequence[R], bytes]] = []
+        pending = [records[start : start + max_records] for start in range(0, len(records), max_records)]
+        while pending:
+            part = pending.pop(0)
+            frame = self.encode_batch(part)
+            if len(frame) > MAX_FRAME_BYTES and len(part) > 1:
+                half = len(part) // 2
+                pending[:0] = [part[:half], part[half:]]
+            else:
+                frames.append((part, frame))
+        return frames
 
     def _frame(self, name: str, fields: dict[str, Any]) -> bytes:
         fp, writer = self._newest[name]

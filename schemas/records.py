@@ -16,6 +16,10 @@ from typing import Any, TypeVar
 from stockflow.errors import InvalidCommand
 
 MAX_SKU_LENGTH = 64
+# Ids are the caller's (a UUID is 36 characters). Bounded, so that a record stays small enough
+# for a batch frame of many to fit in one Kafka message, and a rejection, which repeats the order
+# id in its reason, too.
+MAX_ID_LENGTH = 128
 # The largest values the schemas hold: qty is an Avro int, a version an Avro long. fastavro
 # writes a larger qty as a long without complaint, and a reader keeping to the schema (Java's)
 # fails on it or wraps it.
@@ -220,6 +224,10 @@ def validate_command(command: Command) -> None:
     problems: list[str] = []
     if not command.command_id.strip():
         problems.append("command_id is empty: give every command a unique id (a UUID)")
+    for name in ("command_id", "correlation_id", "order_id"):
+        value = getattr(command, name, "")
+        if len(value) > MAX_ID_LENGTH:
+            problems.append(f"{name} is {len(value)} characters long: at most {MAX_ID_LENGTH}")
     if not command.sku.strip():
         problems.append("sku is empty: name the stock-keeping unit the command is about")
     elif len(command.sku) > MAX_SKU_LENGTH:

@@ -153,6 +153,39 @@ def test_an_order_line_is_found_on_its_own_sku_whatever_the_ids_hold(
     assert isinstance(refused, OrderRejected) and "was never processed for this SKU" in refused.reason
 
 
+def test_orders_with_the_longest_ids_allowed_are_decided_in_frames_kafka_takes(
+    settings: Settings, publisher: Publisher, models: ReadModels, unique: Callable[[str], str]
+) -> None:
+    """2,000 orders with the longest SKU (with a "/") and ids allowed, of 4-byte characters:
+    the publisher's frames, the processor's event frames and its changelog records of them
+    would be 1-5 MB, and a message over 1 MB once stopped the processor for good."""
+    clef = "\U0001d11e"  # 4 bytes of UTF-8
+    sku = (unique("SKU") + "/" + clef * 64)[:64]
+    run = unique("")
+    orders = [
+        place_order(
+            sku,
+            1,
+            order_id=(f"{i:04d}{run}" + clef * 128)[:128],
+            correlation_id=clef * 128,
+            command_id=(f"{i:04d}{run}" + clef * 128)[:128],
+        )
+        for i in range(2000)
+    ]
+    publisher.publish(restock(sku, 2000))
+    errors: list[Exception] = []
+    publisher.send_many(orders, lambda _command, _receipt, error: errors.append(error) if error else None)
+    assert publisher.flush(60) == 0 and errors == []
+    publisher.publish(restock(sku, 1))  # decided after the orders
+
+    wait_for("every order", lambda: (models.stock(sku) or {}).get("version") == 2002, 120)
+    stock = models.stock(sku)
+    assert stock is not None and (stock["processed"], stock["available"]) == (2000, 1)
+    assert [e.order_id for e in events_for(settings, sku) if isinstance(e, OrderProcessed)] == [
+        order.order_id for order in orders
+    ]
+
+
 def test_garbage_goes_to_the_dead_letter_topic_and_the_worker_goes_on(
     settings: Settings, publisher: Publisher, models: ReadModels, unique: Callable[[str], str]
 ) -> None:

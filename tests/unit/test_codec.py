@@ -12,7 +12,7 @@ import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from producers.commands import cancel_order, place_order, restock
-from schemas.codec import BATCHES, HEADER_SIZE, MAGIC, SCHEMA_DIR, AvroCodec, codec
+from schemas.codec import BATCHES, HEADER_SIZE, MAGIC, MAX_FRAME_BYTES, SCHEMA_DIR, AvroCodec, codec
 from schemas.records import COMMAND_TYPES, EVENT_TYPES, Command, Record, Restock
 from stockflow.errors import DecodeError
 from tests.history import decided
@@ -47,6 +47,22 @@ def test_a_batch_frame_round_trips_in_order() -> None:
     events = [r for r in records if isinstance(r, EVENT_TYPES)]
     assert codec.decode_commands(codec.encode_batch(commands)) == commands
     assert codec.decode_events(codec.encode_batch(events)) == events
+
+
+def test_batch_frames_hold_every_record_in_order_within_the_count_and_the_bytes() -> None:
+    usual = [place_order("SKU-1", 1) for _ in range(2500)]
+    frames = codec.encode_batches(usual, 1000)
+    assert [len(records) for records, _ in frames] == [1000, 1000, 500]  # usual ids: cut by count
+    # The longest ids allowed, of 4-byte characters: 1,000 are over 1 MB of Avro.
+    long = [
+        place_order("S" * 64, 1, order_id=f"{i:04d}" + "\U0001d11e" * 124, correlation_id="\U0001d11e" * 128)
+        for i in range(1000)
+    ]
+    frames = codec.encode_batches(long, 1000)
+    assert len(frames) > 1
+    assert all(len(frame) <= MAX_FRAME_BYTES for _, frame in frames)
+    assert [record for records, _ in frames for record in records] == long
+    assert [record for _, frame in frames for record in codec.decode(frame)] == long
 
 
 def test_a_batch_holds_commands_or_events_not_both() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from faust.serializers import codecs
 
-from processors.app import from_json, line_key, to_json
+from processors.app import LINE_NUMBERS_BYTES, from_json, line_key, to_json, within_a_message
+from schemas.codec import MAX_FRAME_BYTES
 
 # One of each record the table writes (see CommandHandler), with a SKU outside ASCII.
 RECORDS: list[tuple[str, Any]] = [
@@ -56,3 +57,16 @@ def test_an_order_line_key_names_one_sku_and_one_order() -> None:
     assert len({line_key(sku, order_id) for sku, order_id in pairs}) == len(pairs)
     # A SKU without "/" keeps the key the changelogs already hold its lines under.
     assert line_key("SKU-00042", "0b5f/order") == "SKU-00042/0b5f/order"
+
+
+def test_a_changelog_record_is_cut_only_when_its_ids_could_outgrow_a_message() -> None:
+    usual = [f"SKU-00042/{n:036d}" for n in range(2000)]
+    assert within_a_message(usual, LINE_NUMBERS_BYTES) == [slice(0, 2000)]
+    # The longest SKU with a "/" and the longest order id, percent-encoded 4-byte characters.
+    long = [line_key("/" + "\U0001d11e" * 63, f"{n:04d}" + "\U0001d11e" * 124) for n in range(1000)]
+    runs = within_a_message(long, LINE_NUMBERS_BYTES)
+    assert len(runs) > 1
+    assert [name for run in runs for name in long[run]] == long
+    for run in runs:
+        record = {name: (2_147_483_647, 2**63 - 1, 2**63 - 1, 2**63 - 1) for name in long[run]}
+        assert len(to_json(record)) <= MAX_FRAME_BYTES

@@ -22,6 +22,9 @@ from stockflow.errors import InvalidCommand
         (place_order("S" * 65, 1), "sku is 65 characters long: at most 64"),
         (restock("SKU-1", 0), "qty is 0"),
         (cancel_order("SKU-1", ""), "order_id is empty"),
+        (cancel_order("SKU-1", "o" * 129), "order_id is 129 characters long: at most 128"),
+        (restock("SKU-1", 1, command_id="c" * 129), "command_id is 129 characters long: at most 128"),
+        (place_order("SKU-1", 1, correlation_id="r" * 200), "correlation_id is 200 characters long"),
         (place_order("SKU-1", 1, expected_version=-1), "expected_version is -1"),
         (place_order("SKU-1", 2**31), "qty is 2147483648: at most 2147483647 units in one command"),
         (restock("SKU-1", 10**30), "qty is 1000000000000000000000000000000: at most"),
@@ -46,6 +49,7 @@ def test_valid_commands_pass() -> None:
         restock("SKU-1", 5),
         cancel_order("SKU-1", "o-1"),
         restock("SKU-1", MAX_QTY, expected_version=MAX_VERSION),
+        place_order("S" * 64, 1, order_id="o" * 128, correlation_id="r" * 128, command_id="c" * 128),
     ):
         validate_command(command)
 
