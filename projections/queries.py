@@ -57,6 +57,8 @@ class ReadModels:
         return line_status({_text(name): _text(doc) for name, doc in raw.items()})
 
     def top(self, n: int = 10) -> list[tuple[str, int]]:
+        if n < 1:
+            return []  # Redis would read a range ending at -1 as "to the last"
         rows = self._redis.zrevrange(TOP_KEY, 0, n - 1, withscores=True)
         return [(_text(sku), int(score)) for sku, score in rows]  # type: ignore[union-attr]
 

@@ -67,8 +67,10 @@ def main() -> None:
 # -- stack ---------------------------------------------------------------------------------
 @stack_app.command("up")
 def stack_up(
-    processors: Annotated[int, typer.Option(help="Processor workers to start in the background.")] = 0,
-    projections: Annotated[int, typer.Option(help="Projection workers to start in the background.")] = 0,
+    processors: Annotated[int, typer.Option(min=0, help="Processor workers to start in the background.")] = 0,
+    projections: Annotated[
+        int, typer.Option(min=0, help="Projection workers to start in the background.")
+    ] = 0,
     api: Annotated[bool, typer.Option(help="Also serve the HTTP API in the background.")] = False,
 ) -> None:
     """Start Kafka and Redis (and optionally workers and the HTTP API), create the topics, and return.
@@ -277,14 +279,14 @@ def publish_restock(
 
 @app.command("load")
 def load(
-    orders: Annotated[int, typer.Option(help="How many orders to send, at most.")] = 10_000,
-    rate: Annotated[float, typer.Option(help="Orders per second; 0 = as fast as possible.")] = 0.0,
+    orders: Annotated[int, typer.Option(min=1, help="How many orders to send, at most.")] = 10_000,
+    rate: Annotated[float, typer.Option(min=0, help="Orders per second; 0 = as fast as possible.")] = 0.0,
     duration: Annotated[
-        float, typer.Option(help="Stop sending after this many seconds; 0 = no limit.")
+        float, typer.Option(min=0, help="Stop sending after this many seconds; 0 = no limit.")
     ] = 0.0,
-    skus: Annotated[int, typer.Option(help="How many SKUs (SKU-00000 ...).")] = 100,
-    hot_skus: Annotated[int, typer.Option(help="The first N SKUs get --hot-share of the orders.")] = 0,
-    hot_share: Annotated[float, typer.Option(help="Share of orders on the hot SKUs.")] = 0.8,
+    skus: Annotated[int, typer.Option(min=1, help="How many SKUs (SKU-00000 ...).")] = 100,
+    hot_skus: Annotated[int, typer.Option(min=0, help="The first N SKUs get --hot-share of the orders.")] = 0,
+    hot_share: Annotated[float, typer.Option(min=0, max=1, help="Share of orders on the hot SKUs.")] = 0.8,
     seed: Annotated[int | None, typer.Option(help="Random seed, for a repeatable load.")] = None,
 ) -> None:
     """Generate PlaceOrder load with a progress bar, and report the acknowledged rate.
@@ -295,6 +297,11 @@ def load(
 
     from producers.load import ACK_WAIT_S, LoadProfile, run_load
 
+    if hot_skus > skus:
+        raise typer.BadParameter(
+            f"{hot_skus} is more than --skus ({skus}): the hot SKUs are the first N of them",
+            param_hint="'--hot-skus'",
+        )
     settings = _kafka_settings()
     profile = LoadProfile(orders, rate, duration, skus, hot_skus, hot_share, seed=seed)
     with Progress(console=console) as progress:
@@ -370,7 +377,7 @@ def query_order(order_id: str, as_json: JsonFlag = False) -> None:
 
 @query_app.command("top")
 def query_top(
-    n: Annotated[int, typer.Option("-n", help="How many SKUs.")] = 10, as_json: JsonFlag = False
+    n: Annotated[int, typer.Option("-n", min=1, help="How many SKUs.")] = 10, as_json: JsonFlag = False
 ) -> None:
     """Top-selling SKUs by units sold.
 
@@ -391,8 +398,8 @@ def query_totals(as_json: JsonFlag = False) -> None:
 # -- demo ----------------------------------------------------------------------------------
 @app.command("demo")
 def demo(
-    orders: Annotated[int, typer.Option(help="Orders to publish.")] = 3000,
-    skus: Annotated[int, typer.Option(help="SKUs to restock and order.")] = 20,
+    orders: Annotated[int, typer.Option(min=1, help="Orders to publish.")] = 3000,
+    skus: Annotated[int, typer.Option(min=1, help="SKUs to restock and order.")] = 20,
     keep_running: Annotated[bool, typer.Option(help="Leave the stack and workers running.")] = False,
 ) -> None:
     """Start everything, publish orders (some rejected, some duplicated), print the read models.
@@ -407,20 +414,23 @@ def demo(
 
 @app.command("bench")
 def bench(
-    orders: Annotated[int, typer.Option(help="Commands per phase (raw, ingest, end to end).")] = 100_000,
+    orders: Annotated[
+        int, typer.Option(min=1, help="Commands per phase (raw, ingest, end to end).")
+    ] = 100_000,
     out: Annotated[Path, typer.Option(help="Folder for REPORT.md, the plots and the JSON.")] = Path(
         ".stockflow/bench"
     ),
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the results JSON here (default: OUT/results.json).")
     ] = None,
-    latency_seconds: Annotated[float, typer.Option(help="Length of each offered-load run.")] = 10.0,
-    crud_seconds: Annotated[int, typer.Option(help="Length of each PostgreSQL run.")] = 15,
+    latency_seconds: Annotated[float, typer.Option(min=1, help="Length of each offered-load run.")] = 10.0,
+    crud_seconds: Annotated[int, typer.Option(min=1, help="Length of each PostgreSQL run.")] = 15,
     workload: Annotated[list[str] | None, typer.Option(help="uniform and/or hot (default: both).")] = None,
-    processors: Annotated[int, typer.Option(help="Processor workers.")] = 1,
-    projections: Annotated[int, typer.Option(help="Projection workers.")] = 1,
+    processors: Annotated[int, typer.Option(min=1, help="Processor workers.")] = 1,
+    projections: Annotated[int, typer.Option(min=1, help="Projection workers.")] = 1,
     replay_workers: Annotated[
-        int, typer.Option(help="Processes folding the log in the replay (`stockflow rebuild --workers`).")
+        int,
+        typer.Option(min=1, help="Processes folding the log in the replay (`stockflow rebuild --workers`)."),
     ] = os.cpu_count() or 1,
 ) -> None:
     """Measure the pipeline against raw Kafka and PostgreSQL CRUD on this machine, in one run.
@@ -455,7 +465,7 @@ def bench(
 def status(
     once: Annotated[bool, typer.Option(help="Print one snapshot and exit (for scripts).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object; implies --once.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes.")] = 1.0,
 ) -> None:
     """Lag per partition of the processor and projection groups, who holds each partition, and
     rates; refreshes until Ctrl-C.
@@ -512,7 +522,7 @@ def status(
 @app.command("verify")
 def verify_command(
     wait: Annotated[
-        float, typer.Option(help="Seconds to wait for undecided commands and views that are behind.")
+        float, typer.Option(min=0, help="Seconds to wait for undecided commands and views that are behind.")
     ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
@@ -551,10 +561,10 @@ def verify_command(
 @app.command("rebuild")
 def rebuild_command(
     database: Annotated[
-        int, typer.Option(help="Redis database to rebuild into; emptied first, never the live one.")
+        int, typer.Option(min=0, help="Redis database to rebuild into; emptied first, never the live one.")
     ] = 1,
     workers: Annotated[
-        int, typer.Option(help="Processes folding the log, taking the partitions one after another.")
+        int, typer.Option(min=1, help="Processes folding the log, taking the partitions one after another.")
     ] = os.cpu_count() or 1,
     check: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare the result with a fold of the log.")

@@ -100,6 +100,26 @@ def test_a_stack_that_is_not_up_is_one_error_naming_what_to_set(
     assert what in error and setting in error, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("load --skus 0", "--skus"),
+        ("load --skus 5 --hot-skus 10", "--hot-skus"),
+        ("load --rate -1", "--rate"),
+        ("query top -n 0", "-n"),  # Redis read -n 0 as every SKU
+        ("verify --wait -1", "--wait"),
+        ("rebuild --workers 0", "--workers"),
+    ],
+)
+def test_an_option_out_of_range_is_refused_naming_it_before_anything_runs(
+    tmp_path: Path, command: str, option: str
+) -> None:
+    nothing = Settings(kafka_port=free_port(), redis_port=free_port(), run_dir=tmp_path)
+    result = stockflow(nothing, *command.split())
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"Invalid value for '{option}'" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.usefixtures("stack")
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -107,6 +127,7 @@ def test_a_stack_that_is_not_up_is_one_error_naming_what_to_set(
         (["publish", "order", "SKU-1", "0"], "qty is 0"),
         (["publish", "order", "", "2"], "sku is empty"),
         (["publish", "restock", "--", "SKU-1", "-4"], "qty is -4"),
+        (["publish", "restock", "SKU-1", "3000000000"], "qty is 3000000000: at most 2147483647"),
     ],
 )
 def test_invalid_input_is_refused_with_exit_2_and_nothing_is_sent(

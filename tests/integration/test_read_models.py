@@ -74,6 +74,7 @@ def test_applying_the_same_events_again_changes_nothing(
     assert (stock["processed"], stock["rejected"], stock["cancelled"], stock["replenished"]) == (1, 1, 1, 2)
     assert models.order(order.order_id)[sku]["status"] == "cancelled"
     assert models.top(1) == [(sku, 0)]
+    assert models.top(0) == []  # not every SKU, as Redis reads the range 0..-1
     assert models.watermarks() == {0: 9}
 
 
