@@ -47,6 +47,10 @@ T = TypeVar("T")
 CONSUME_STEP = 50
 # What Redis being down (restarting, unreachable) raises once redis-py's own retries are spent.
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+# What a Redis that answers but takes no writes for now raises: full (maxmemory, with the
+# noeviction policy), or a replica. A write refused is written again once it takes them: the
+# writes may be repeated, and a script refused at a write has written nothing.
+REFUSES_WRITES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
 # The longest wait between two attempts to reach a Redis that is down.
 MAX_RETRY_WAIT_S = 5.0
 # How often the worker commits its offsets, as the processor does (its broker_commit_interval).
@@ -106,9 +110,10 @@ class ProjectionWorker:
         self._uncommitted = False  # offsets applied since the last commit
         self._committed_at = 0.0
         self._stopping = threading.Event()  # set once run() ends: stop waiting for Redis
-        # Whether Redis answered the last call, from either thread: each change is logged once
-        # and shown as stockflow_redis_unreachable, so a worker with nothing to write still says
-        # that Redis is gone (its only call then is the watermark check of every poll).
+        # Whether Redis answered the last call (or took the last write), from either thread:
+        # each change is logged once and shown as stockflow_redis_unreachable, so a worker with
+        # nothing to write still says that Redis is gone (its only call then is the watermark
+        # check of every poll).
         self._redis_reachable = True
         self._reachable_lock = threading.Lock()
 
@@ -258,7 +263,7 @@ class ProjectionWorker:
         while True:
             try:
                 outcome = attempt()
-            except UNREACHABLE as exc:
+            except (*UNREACHABLE, *REFUSES_WRITES) as exc:
                 if self._stopping.is_set():
                     raise
                 self._redis_unreachable(exc, f"{what} again in {wait_s:.1f}s")
@@ -269,12 +274,14 @@ class ProjectionWorker:
                 return outcome
 
     def _redis_unreachable(self, exc: Exception, then: str) -> None:
-        log.warning(
-            "Redis at %s is unreachable (%s): %s; is redis-server running there? (STOCKFLOW_REDIS_URL)",
-            self._settings.redis_url,
-            exc,
-            then,
-        )
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):
+            state = "is full and takes no writes"
+            fix = "raise its maxmemory, or let orders' read models expire (STOCKFLOW_ORDER_RETENTION_S)"
+        elif isinstance(exc, redis.exceptions.ReadOnlyError):
+            state, fix = "is a read-only replica", "point STOCKFLOW_REDIS_URL at the primary"
+        else:
+            state, fix = "is unreachable", "is redis-server running there? (STOCKFLOW_REDIS_URL)"
+        log.warning("Redis at %s %s (%s): %s; %s", self._settings.redis_url, state, exc, then, fix)
         with self._reachable_lock:
             self._redis_reachable = False
             metrics.REDIS_UNREACHABLE.set(1)

@@ -51,7 +51,8 @@ PAUSED_PARTITIONS = Gauge(
 )
 REDIS_UNREACHABLE = Gauge(
     "stockflow_redis_unreachable",
-    "1 while a projection worker cannot reach Redis (its log says why), else 0",
+    "1 while a projection worker cannot reach Redis, or Redis takes no writes (full, a replica;"
+    " its log says which), else 0",
 )
 CONSUMER_LAG = Gauge(
     "stockflow_consumer_lag",

@@ -184,3 +184,47 @@ def test_a_worker_with_nothing_to_write_says_when_redis_goes_and_when_it_comes_b
             assert unreachable() == 0
     finally:
         side.redis.stop()
+
+
+def test_a_full_redis_is_waited_for_and_said_so_and_nothing_is_skipped(
+    own: Settings,
+    unique: Callable[[str], str],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    docker_mode: bool,
+) -> None:
+    """Redis at its maxmemory refuses writes (OOM): the worker used to stop with the error."""
+    if docker_mode:
+        pytest.skip("sets maxmemory on a redis-server of its own, which only the local stack has")
+    port = free_port()
+    mine = own.model_copy(
+        update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0", "run_dir": tmp_path}
+    )
+    side = LocalStack(mine, say=lambda _msg: None)
+    side.start_redis()
+    caplog.set_level(logging.INFO, logger="projections.worker")
+    sku = unique("SKU")
+    events = decided(sku, restock(sku, 50), *(place_order(sku, 1) for _ in range(20)))
+    client = redis.Redis.from_url(mine.redis_url)
+    models = ReadModels(client)
+
+    def shown(version: int) -> Callable[[], bool]:
+        return lambda: (models.stock(sku) or {}).get("version") == version
+
+    try:
+        with Running(mine):
+            append_events(mine, events[:1], 0)
+            wait_for(f"{sku} in the read models", shown(1))
+            client.config_set("maxmemory", 1)  # any write is over it
+            append_events(mine, events[1:], 0)
+            wait_for("the worker to say Redis is full", lambda: "is full" in caplog.text, 30)
+            assert "STOCKFLOW_ORDER_RETENTION_S" in caplog.text
+            assert REGISTRY.get_sample_value("stockflow_redis_unreachable") == 1
+            assert shown(1)()  # nothing written, nothing skipped
+            client.config_set("maxmemory", 0)
+            wait_for("every event once Redis takes writes", shown(len(events)), 60)
+            assert "answers again" in caplog.text
+            assert REGISTRY.get_sample_value("stockflow_redis_unreachable") == 0
+            assert (models.stock(sku) or {}).get("processed") == 20
+    finally:
+        side.redis.stop()
