@@ -8,6 +8,7 @@ commands of one partition in one message (a ``CommandBatch`` frame).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,15 @@ from stockflow.settings import Settings
 
 class PublishError(StockflowError):
     """Kafka did not acknowledge a command."""
+
+
+class PartitionCountMismatch(PublishError):
+    """The commands topic does not have STOCKFLOW_PARTITIONS partitions: nothing is sent."""
+
+
+# How long a publisher that could not ask Kafka for the commands topic's partition count waits
+# before asking again, at its next send.
+PARTITIONS_CHECK_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,8 @@ class Publisher:
             self._lag = LagProbe(settings)
             self.admission = Admission(settings, self._worst_lag)
         self._producer = Producer(producer_config(settings) | extra_config)
+        self._partitions_checked = False
+        self._next_partitions_check = 0.0
 
     @property
     def batch_capacity(self) -> int:
@@ -104,11 +116,14 @@ class Publisher:
         what lets the pipeline take tens of thousands of commands per second.
 
         ``on_delivery`` runs once per command. Every command is validated first: if one breaks
-        the contract, ``InvalidCommand`` says which and nothing is sent. ``Overloaded`` as for
+        the contract, ``InvalidCommand`` says which and nothing is sent; nor is anything if the
+        commands topic has not STOCKFLOW_PARTITIONS partitions (``PartitionCountMismatch``,
+        checked once Kafka can say). ``Overloaded`` as for
         ``send``.
         """
         for command in commands:
             validate_command(command)
+        self._check_partitions_once()
         if self.admission is not None:
             self.admission.admit(self._settings.backpressure_max_wait_s if wait_s is None else wait_s)
         by_partition: dict[int, list[Command]] = {}
@@ -175,15 +190,42 @@ class Publisher:
         self._producer.poll(timeout_s)
 
     def check_broker(self, timeout_s: float = 2.0) -> None:
-        """Raise PublishError unless Kafka answers about the commands topic within ``timeout_s``."""
+        """Raise PublishError unless Kafka answers about the commands topic within ``timeout_s``
+        and the topic, if it exists yet, has STOCKFLOW_PARTITIONS partitions."""
         topic = self._settings.commands_topic
         try:
-            self._producer.list_topics(topic, timeout=timeout_s)
+            metadata = self._producer.list_topics(topic, timeout=timeout_s)
         except KafkaException as exc:
             raise PublishError(
                 f"Kafka at {self._settings.bootstrap_servers} did not answer about {topic} within"
                 f" {timeout_s}s ({exc}): is the broker up (STOCKFLOW_BOOTSTRAP_SERVERS)?"
             ) from exc
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            return  # not created yet (the workers create it): nothing to compare
+        if len(found.partitions) != self._settings.partitions:
+            raise PartitionCountMismatch(
+                f"topic {topic} has {len(found.partitions)} partitions but STOCKFLOW_PARTITIONS is"
+                f" {self._settings.partitions}: commands would go to partitions other than their"
+                " SKUs', where the processor refuses them; set STOCKFLOW_PARTITIONS="
+                f"{len(found.partitions)}, as every publisher and worker of the topic must have"
+            )
+        self._partitions_checked = True
+
+    def _check_partitions_once(self) -> None:
+        """Before sending, once Kafka can say: refuse to send if the commands topic's partition
+        count is not STOCKFLOW_PARTITIONS (``check_broker``). While Kafka does not answer, the
+        commands queue as usual, and it is asked again PARTITIONS_CHECK_EVERY_S later."""
+        now = time.monotonic()
+        if self._partitions_checked or now < self._next_partitions_check:
+            return
+        self._next_partitions_check = now + PARTITIONS_CHECK_EVERY_S
+        try:
+            self.check_broker(timeout_s=1.0)
+        except PartitionCountMismatch:
+            raise
+        except PublishError:
+            return
 
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for outstanding deliveries; returns how many are still unacknowledged."""

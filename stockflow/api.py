@@ -35,7 +35,7 @@ import redis
 from aiohttp import web
 
 from producers.commands import cancel_order, place_order, restock
-from producers.publisher import Publisher, PublishError, Receipt
+from producers.publisher import PartitionCountMismatch, Publisher, PublishError, Receipt
 from projections.queries import ReadModels, order_not_found
 from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
 from stockflow.errors import InvalidCommand, StockflowError
@@ -210,6 +210,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     except Unacknowledged as exc:
         return web.json_response({"error": str(exc), "command_ids": exc.command_ids}, status=503)
+    except PartitionCountMismatch as exc:  # the API's settings, not the request: nothing sent
+        return web.json_response({"error": str(exc)}, status=503)
     except redis.RedisError as exc:
         return web.json_response({"error": f"Redis did not answer: {exc} (STOCKFLOW_REDIS_URL)"}, status=503)
     except web.HTTPException as exc:  # aiohttp's own: no such route or method, a body too large

@@ -10,7 +10,7 @@ import redis
 from confluent_kafka import Producer
 
 from producers.commands import cancel_order, place_order, restock
-from producers.publisher import Publisher
+from producers.publisher import PartitionCountMismatch, Publisher
 from projections.queries import ReadModels
 from schemas.codec import codec
 from schemas.records import (
@@ -184,6 +184,24 @@ def test_orders_with_the_longest_ids_allowed_are_decided_in_frames_kafka_takes(
     assert [e.order_id for e in events_for(settings, sku) if isinstance(e, OrderProcessed)] == [
         order.order_id for order in orders
     ]
+
+
+def test_a_publisher_with_another_partition_count_than_the_topic_sends_nothing(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    """With STOCKFLOW_PARTITIONS at twice the topic's, a SKU's partition is computed over
+    partitions the topic lacks, or over the wrong count: its commands went where the processor
+    refuses them, or the send failed in the Kafka client."""
+    before = len(read_topic(settings, settings.commands_topic))
+    wrong = Publisher(settings.model_copy(update={"partitions": 2 * settings.partitions}))
+    try:
+        with pytest.raises(PartitionCountMismatch, match=f"set STOCKFLOW_PARTITIONS={settings.partitions}"):
+            wrong.send_many([restock(unique(f"SKU{i}"), 1) for i in range(50)])
+        with pytest.raises(PartitionCountMismatch):
+            wrong.check_broker()
+    finally:
+        wrong.close()
+    assert len(read_topic(settings, settings.commands_topic)) == before
 
 
 def test_garbage_goes_to_the_dead_letter_topic_and_the_worker_goes_on(
