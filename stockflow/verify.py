@@ -1,9 +1,10 @@
 """`stockflow verify`: does every view of the event log agree with it?
 
 Reads the commands topic, the dead letter topic and the event log from the start, folds the
-log per SKU, and compares the fold with the processor's stock table (its changelog topic) and
-with the Redis read models. Safe on a live system: it only reads, and a read model that is
-merely behind (lower version than the log) is reported as lag, not as a mismatch.
+log per SKU (checking that each SKU's history holds together), and compares the fold with the
+processor's stock table (its changelog topic) and with the Redis read models. Safe on a live
+system: it only reads, and a read model that is merely behind (lower version than the log) is
+reported as lag, not as a mismatch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from projections.queries import ReadModels
 from projections.store import STOCK_COUNTERS
 from projections.views import KIND
 from schemas.codec import codec
-from schemas.records import OrderCancelled, OrderProcessed
+from schemas.records import Event, OrderCancelled, OrderProcessed, StockReplenished
 from stockflow.errors import DecodeError
 from stockflow.logreader import read_topic
 from stockflow.settings import Settings
@@ -34,6 +35,7 @@ class SkuFold:
     available: int = 0
     version: int = 0
     counters: Counter[str] = field(default_factory=Counter)
+    orders: dict[str, tuple[int, bool]] = field(default_factory=dict)  # order id -> (qty, cancelled)
 
 
 @dataclass
@@ -46,7 +48,9 @@ class Report:
     skus: int = 0
     lost: list[str] = field(default_factory=list)  # accepted, never decided, not dead-lettered
     double_decisions: list[str] = field(default_factory=list)
-    broken_history: list[str] = field(default_factory=list)  # version gaps, negative stock
+    # Version gaps, negative stock, stock that does not add up, a cancel without its order: a
+    # history no sequence of decisions could give.
+    broken_history: list[str] = field(default_factory=list)
     table_mismatches: list[str] = field(default_factory=list)
     table_behind: list[str] = field(default_factory=list)  # changelog not flushed yet
     read_model_mismatches: list[str] = field(default_factory=list)
@@ -159,6 +163,9 @@ def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> 
                 )
             if event.available_after < 0:
                 report.broken_history.append(f"SKU {event.sku}: negative stock at version {event.version}")
+            problem = inconsistency(fold, event)
+            if problem:
+                report.broken_history.append(f"SKU {event.sku} version {event.version}: {problem}")
             fold.available, fold.version = event.available_after, event.version
             fold.counters[KIND[type(event)]] += 1
             if isinstance(event, OrderProcessed):
@@ -167,6 +174,29 @@ def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> 
                 fold.counters["units_sold"] -= event.qty
     report.decisions = len(first_seen)
     return folds
+
+
+def inconsistency(fold: SkuFold, event: Event) -> str:
+    """What is wrong with ``event`` after the SKU's history so far, if anything: a cancel of an
+    order the SKU never processed or already cancelled, or of another qty (the order lines are
+    noted in ``fold``), or stock that does not add up.
+
+    An order id processed again replaces its line: the processor forgets a line once the cancel
+    window has passed, and then takes the same order id as a new order."""
+    if isinstance(event, OrderProcessed):
+        fold.orders[event.order_id] = (event.qty, False)
+    elif isinstance(event, OrderCancelled):
+        line = fold.orders.get(event.order_id)
+        if line is None or line[1]:
+            return f"order {event.order_id} cancelled, {'already cancelled' if line else 'never processed'}"
+        if line[0] != event.qty:
+            return f"order {event.order_id} cancelled with qty {event.qty}, processed with {line[0]}"
+        fold.orders[event.order_id] = (line[0], True)
+    change = {OrderProcessed: -1, OrderCancelled: 1, StockReplenished: 1}.get(type(event), 0)
+    expected = fold.available + change * getattr(event, "qty", 0)
+    if event.available_after != expected:
+        return f"available {event.available_after} after {type(event).__name__}, {expected} by the log"
+    return ""
 
 
 def _compare_with_table(settings: Settings, report: Report, folds: dict[str, SkuFold]) -> None:

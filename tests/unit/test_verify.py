@@ -1,0 +1,66 @@
+"""`stockflow verify`'s check that a SKU's history holds together, event by event."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from producers.commands import cancel_order, place_order, restock
+from schemas.records import Event
+from stockflow.verify import SkuFold, inconsistency
+from tests.history import decided
+
+
+def problems(events: list[Event]) -> list[str]:
+    fold, found = SkuFold(), []
+    for event in events:
+        problem = inconsistency(fold, event)
+        if problem:
+            found.append(problem)
+        fold.available = event.available_after
+    return found
+
+
+def history() -> list[Event]:
+    """Restock 10, order o-1 (3), an order too large (rejected), cancel o-1, order o-2 (2)."""
+    return decided(
+        "SKU-1",
+        restock("SKU-1", 10),
+        place_order("SKU-1", 3, order_id="o-1"),
+        place_order("SKU-1", 50),
+        cancel_order("SKU-1", "o-1"),
+        place_order("SKU-1", 2, order_id="o-2"),
+    )
+
+
+def test_a_history_the_domain_decided_holds_together() -> None:
+    events = history()
+    assert [type(e).__name__ for e in events] == [
+        "StockReplenished",
+        "OrderProcessed",
+        "OrderRejected",
+        "OrderCancelled",
+        "OrderProcessed",
+    ]
+    assert problems(events) == []
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        # A cancel of an order the SKU never processed (another SKU's order of the same id, as
+        # the processor once took a line of SKU "K" for one of "K/RED").
+        (lambda e: e[:1] + e[2:], "order o-1 cancelled, never processed"),
+        (lambda e: [*e[:4], e[3], *e[4:]], "order o-1 cancelled, already cancelled"),
+        (lambda e: [*e[:2], e[1], *e[2:]], "available 7 after OrderProcessed, 4 by the log"),
+        (lambda e: [*e[:3], dataclasses.replace(e[3], qty=5, available_after=12), *e[4:]], "with qty 5"),
+        (
+            lambda e: [*e[:1], dataclasses.replace(e[1], available_after=8), *e[2:]],
+            "available 8 after OrderProcessed, 7 by",
+        ),
+    ],
+)
+def test_a_history_no_decisions_could_give_is_named(tamper: object, problem: str) -> None:
+    found = problems(tamper(history()))  # type: ignore[operator]
+    assert any(problem in line for line in found), found
