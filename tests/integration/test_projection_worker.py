@@ -49,6 +49,24 @@ def own(settings: Settings, unique: Callable[[str], str]) -> Iterator[Settings]:
     redis.Redis.from_url(mine.redis_url).flushdb()
 
 
+@pytest.fixture
+def own_redis(own: Settings, docker_mode: bool, tmp_path: Path) -> Iterator[tuple[Settings, LocalStack]]:
+    """``own`` with a redis-server of the test's own, to stop or reconfigure without touching
+    the stack's; stopped at the end."""
+    if docker_mode:
+        pytest.skip("needs a redis-server of its own, which only the local stack has")
+    port = free_port()
+    mine = own.model_copy(
+        update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0", "run_dir": tmp_path}
+    )
+    side = LocalStack(mine, say=lambda _msg: None)
+    side.start_redis()
+    try:
+        yield mine, side
+    finally:
+        side.redis.stop()
+
+
 def append_events(settings: Settings, events: list[Event], partition: int) -> None:
     """Append ``events`` to the events topic as one frame, as the processor does."""
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
@@ -141,21 +159,9 @@ def test_a_worker_given_an_order_retention_lets_the_orders_expire(
 
 
 def test_a_worker_with_nothing_to_write_says_when_redis_goes_and_when_it_comes_back(
-    own: Settings,
-    docker_mode: bool,
-    tmp_path: Path,
-    unique: Callable[[str], str],
-    caplog: pytest.LogCaptureFixture,
+    own_redis: tuple[Settings, LocalStack], unique: Callable[[str], str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    if docker_mode:
-        pytest.skip("stops a redis-server of its own, which only the local stack has")
-    # A Redis of the test's own, to stop without touching the stack's.
-    port = free_port()
-    mine = own.model_copy(
-        update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0", "run_dir": tmp_path}
-    )
-    side = LocalStack(mine, say=lambda _msg: None)
-    side.start_redis()
+    mine, side = own_redis
     caplog.set_level(logging.INFO, logger="projections.worker")
     sku = unique("SKU")
     events = decided(sku, restock(sku, 5), place_order(sku, 2))
@@ -168,40 +174,26 @@ def test_a_worker_with_nothing_to_write_says_when_redis_goes_and_when_it_comes_b
     def unreachable() -> float | None:
         return REGISTRY.get_sample_value("stockflow_redis_unreachable")
 
-    try:
-        with Running(mine):
-            wait_for(f"{sku} in the read models", shown)
-            assert unreachable() == 0
-            side.redis.stop()  # no event comes: the worker's only calls are its watermark checks
-            wait_for("the worker to say Redis is unreachable", lambda: "is unreachable" in caplog.text, 30)
-            assert unreachable() == 1
-            assert f"Redis at {mine.redis_url} is unreachable" in caplog.text
-            time.sleep(2)  # a few more polls, each checking the watermarks
-            assert caplog.text.count("is unreachable") == 1  # said once, not at every poll
-            side.start_redis()  # empty: the worker replays the partition
-            wait_for(f"{sku} rebuilt in the read models", shown, 60)
-            assert "answers again" in caplog.text
-            assert unreachable() == 0
-    finally:
-        side.redis.stop()
+    with Running(mine):
+        wait_for(f"{sku} in the read models", shown)
+        assert unreachable() == 0
+        side.redis.stop()  # no event comes: the worker's only calls are its watermark checks
+        wait_for("the worker to say Redis is unreachable", lambda: "is unreachable" in caplog.text, 30)
+        assert unreachable() == 1
+        assert f"Redis at {mine.redis_url} is unreachable" in caplog.text
+        time.sleep(2)  # a few more polls, each checking the watermarks
+        assert caplog.text.count("is unreachable") == 1  # said once, not at every poll
+        side.start_redis()  # empty: the worker replays the partition
+        wait_for(f"{sku} rebuilt in the read models", shown, 60)
+        assert "answers again" in caplog.text
+        assert unreachable() == 0
 
 
 def test_a_full_redis_is_waited_for_and_said_so_and_nothing_is_skipped(
-    own: Settings,
-    unique: Callable[[str], str],
-    caplog: pytest.LogCaptureFixture,
-    tmp_path: Path,
-    docker_mode: bool,
+    own_redis: tuple[Settings, LocalStack], unique: Callable[[str], str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis at its maxmemory refuses writes (OOM): the worker used to stop with the error."""
-    if docker_mode:
-        pytest.skip("sets maxmemory on a redis-server of its own, which only the local stack has")
-    port = free_port()
-    mine = own.model_copy(
-        update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0", "run_dir": tmp_path}
-    )
-    side = LocalStack(mine, say=lambda _msg: None)
-    side.start_redis()
+    mine, _side = own_redis
     caplog.set_level(logging.INFO, logger="projections.worker")
     sku = unique("SKU")
     events = decided(sku, restock(sku, 50), *(place_order(sku, 1) for _ in range(20)))
@@ -211,20 +203,17 @@ def test_a_full_redis_is_waited_for_and_said_so_and_nothing_is_skipped(
     def shown(version: int) -> Callable[[], bool]:
         return lambda: (models.stock(sku) or {}).get("version") == version
 
-    try:
-        with Running(mine):
-            append_events(mine, events[:1], 0)
-            wait_for(f"{sku} in the read models", shown(1))
-            client.config_set("maxmemory", 1)  # any write is over it
-            append_events(mine, events[1:], 0)
-            wait_for("the worker to say Redis is full", lambda: "is full" in caplog.text, 30)
-            assert "STOCKFLOW_ORDER_RETENTION_S" in caplog.text
-            assert REGISTRY.get_sample_value("stockflow_redis_unreachable") == 1
-            assert shown(1)()  # nothing written, nothing skipped
-            client.config_set("maxmemory", 0)
-            wait_for("every event once Redis takes writes", shown(len(events)), 60)
-            assert "answers again" in caplog.text
-            assert REGISTRY.get_sample_value("stockflow_redis_unreachable") == 0
-            assert (models.stock(sku) or {}).get("processed") == 20
-    finally:
-        side.redis.stop()
+    with Running(mine):
+        append_events(mine, events[:1], 0)
+        wait_for(f"{sku} in the read models", shown(1))
+        client.config_set("maxmemory", 1)  # any write is over it
+        append_events(mine, events[1:], 0)
+        wait_for("the worker to say Redis is full", lambda: "is full" in caplog.text, 30)
+        assert "STOCKFLOW_ORDER_RETENTION_S" in caplog.text
+        assert REGISTRY.get_sample_value("stockflow_redis_unreachable") == 1
+        assert shown(1)()  # nothing written, nothing skipped
+        client.config_set("maxmemory", 0)
+        wait_for("every event once Redis takes writes", shown(len(events)), 60)
+        assert "answers again" in caplog.text
+        assert REGISTRY.get_sample_value("stockflow_redis_unreachable") == 0
+        assert (models.stock(sku) or {}).get("processed") == 20
