@@ -117,9 +117,8 @@ class Publisher:
 
         ``on_delivery`` runs once per command. Every command is validated first: if one breaks
         the contract, ``InvalidCommand`` says which and nothing is sent; nor is anything if the
-        commands topic has not STOCKFLOW_PARTITIONS partitions (``PartitionCountMismatch``,
-        checked once Kafka can say). ``Overloaded`` as for
-        ``send``.
+        commands topic does not have STOCKFLOW_PARTITIONS partitions (``PartitionCountMismatch``,
+        checked once Kafka can say). ``Overloaded`` as for ``send``.
         """
         for command in commands:
             validate_command(command)
@@ -225,7 +224,7 @@ class Publisher:
         except PartitionCountMismatch:
             raise
         except PublishError:
-            return
+            return  # Kafka does not answer (yet): the commands queue, as without the check
 
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for outstanding deliveries; returns how many are still unacknowledged."""
