@@ -116,7 +116,9 @@ def within_a_message(texts: list[str], overhead: int) -> list[slice]:
     """Runs of a changelog record's entries, known by their ids (``texts``, in order), whose
     JSON takes at most MAX_FRAME_BYTES, each entry ``overhead`` bytes besides its id: one run
     unless the ids are long. Bounded first by their length (cutting entry by entry cost 0.7 us
-    a command), then, only if that bound is over, cut by each id's JSON."""
+    a command), then, only if that bound is over, cut by each id's JSON. None for no entries."""
+    if not texts:
+        return []
     if JSON_BYTES_PER_CHAR * sum(map(len, texts)) + overhead * len(texts) <= MAX_FRAME_BYTES:
         return [slice(0, len(texts))]
     runs, start, total = [], 0, 0
@@ -685,12 +687,13 @@ class CommandHandler:
         changes: list[tuple[str, Any]] = [(key, None) for key in self.stale_id_records[partition]]
         self.stale_id_records[partition] = []
         ids = self.recent[partition].take_unsaved()
-        for run in within_a_message(ids, ID_QUOTES_BYTES) if ids else []:
+        for run in within_a_message(ids, ID_QUOTES_BYTES):
+            record_ids = ids[run]
             n = self.next_id_record[partition]
             self.next_id_record[partition] = n + 1
-            changes.append((f"r:{partition}:{n}", [first, last, ids[run]]))
-            self.id_records[partition].append((n, len(ids[run])))
-            self.saved_ids[partition] += len(ids[run])
+            changes.append((f"r:{partition}:{n}", [first, last, record_ids]))
+            self.id_records[partition].append((n, len(record_ids)))
+            self.saved_ids[partition] += len(record_ids)
         return changes
 
     def _trim_ids(self, partition: int) -> list[tuple[str, None]]:

@@ -215,8 +215,10 @@ class Publisher:
         """Before sending, once Kafka can say: refuse to send if the commands topic's partition
         count is not STOCKFLOW_PARTITIONS (``check_broker``). While Kafka does not answer, the
         commands queue as usual, and it is asked again PARTITIONS_CHECK_EVERY_S later."""
+        if self._partitions_checked:
+            return  # every send after the first: no clock read
         now = time.monotonic()
-        if self._partitions_checked or now < self._next_partitions_check:
+        if now < self._next_partitions_check:
             return
         self._next_partitions_check = now + PARTITIONS_CHECK_EVERY_S
         try:

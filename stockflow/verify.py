@@ -176,6 +176,10 @@ def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> 
     return folds
 
 
+# How each kind of event moves a SKU's stock by its qty; a rejection leaves it.
+STOCK_CHANGE: dict[type[Event], int] = {OrderProcessed: -1, OrderCancelled: 1, StockReplenished: 1}
+
+
 def inconsistency(fold: SkuFold, event: Event) -> str:
     """What is wrong with ``event`` after the SKU's history so far, if anything: a cancel of an
     order the SKU never processed or already cancelled, or of another qty (the order lines are
@@ -192,8 +196,7 @@ def inconsistency(fold: SkuFold, event: Event) -> str:
         if line[0] != event.qty:
             return f"order {event.order_id} cancelled with qty {event.qty}, processed with {line[0]}"
         fold.orders[event.order_id] = (line[0], True)
-    change = {OrderProcessed: -1, OrderCancelled: 1, StockReplenished: 1}.get(type(event), 0)
-    expected = fold.available + change * getattr(event, "qty", 0)
+    expected = fold.available + STOCK_CHANGE.get(type(event), 0) * event.qty
     if event.available_after != expected:
         return f"available {event.available_after} after {type(event).__name__}, {expected} by the log"
     return ""
