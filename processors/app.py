@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 
 # Reads the records of one partition of the commands topic with offsets in [start, end).
 ReadRange = Callable[[int, int, int], Awaitable[list[Logged]]]
+# Commits {commands partition: offset} as the group's member; False if the worker no longer
+# holds them all (processors.transport.Consumer.commit_as_member).
+CommitAsMember = Callable[[dict[int, int]], Awaitable[bool]]
 
 # The changelog's keys and values are compact JSON, what Faust's own "json" serializer reads and
 # writes. orjson, not the json module: encoding a batch's records took 18,200 instructions per
@@ -220,6 +223,7 @@ class StateTable(faust.Table[str, Any]):
         # Partitions restored anew since the handler last indexed them: its index of their
         # order lines points at the records the store held before.
         self.reloaded: set[int] = set()
+        self.member_id: str | None = None  # this worker's in the group, as of the last rebalance
 
     def persisted_offset(self, tp: TP) -> int | None:
         return self.restored.get(tp)
@@ -230,6 +234,14 @@ class StateTable(faust.Table[str, Any]):
         """Restore the changelog partitions this worker has just become the owner of; for the
         ones it keeps, its memory already holds everything up to their ends."""
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        member_id = cast(Any, self.app.consumer)._thread._consumer._coordinator.member_id
+        if self.member_id is not None and member_id != self.member_id:
+            # The group dropped this worker (paused or cut off past its session timeout) and took
+            # it back as a new member. Others may have held its partitions meanwhile and written
+            # their changelogs: what its memory holds of them is not to be trusted.
+            log.warning("rejoined the group as a new member: restoring every partition given")
+            self.restored = {}
+        self.member_id = member_id
         topic = self.changelog_topic.get_topic_name()
         actives = {tp for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
         kept = [tp for tp in actives if tp in self.restored]
@@ -366,6 +378,7 @@ class CommandHandler:
         table: StateTable,
         producer: ProducerT,
         read_commands: ReadRange,
+        commit_as_member: CommitAsMember,
     ) -> None:
         self.settings = settings
         self.table = table
@@ -373,6 +386,7 @@ class CommandHandler:
         # much again per message in bookkeeping this handler does not need.
         self.producer = producer
         self.read_commands = read_commands
+        self.commit_as_member = commit_as_member
         self.lines: dict[int, LineIndex] = {}  # partition -> order lines saved, not forgotten
         self.next_chunk: dict[int, int] = {}  # partition -> n of its next l: record
         # partition -> (n, newest placed_ms) of each of its l: records, oldest first
@@ -417,14 +431,49 @@ class CommandHandler:
                 await self._repair_gap(message, recent.last_offset + 1, batch)
             await self._handle(message, batch)
             if batch.commands >= self.settings.processor_batch_size:
-                await self._complete(batch)
+                if not await self._complete(batch):
+                    return  # the rest comes again, to whoever holds its partitions now
                 batch = Batch()
         await self._complete(batch)
 
-    async def _complete(self, batch: Batch) -> None:
+    async def _complete(self, batch: Batch) -> bool:
+        """Send the batch's events and, once they are in the log, save its state; False if the
+        worker turned out to have lost its partitions, and saved nothing.
+
+        The save waits for the broker to confirm the worker is still the group's member holding
+        the partitions. A worker paused or cut off past its session timeout (a stopped process,
+        a frozen VM, a network partition) has been replaced, and the worker given its partitions
+        restored their table and went on. Its save, landing after that worker's, would put older
+        SKU rows and order lines last in the changelog, and the next worker to restore them
+        would decide from them: seen on a stack, a processor stopped for 40 s mid-load, then the
+        other one killed, gave 36 SKUs versions decided twice. Its events are harmless: decided
+        from the same table, the same commands give the same events (same ids and versions),
+        which the read models and verify take as repeats.
+        """
         await self._send_events(batch)
         await asyncio.gather(*batch.deliveries)
+        if batch.handled:
+            offsets = {partition: self.saved_offset(partition) + 1 for partition in batch.handled}
+            if not await self.commit_as_member(offsets):
+                self._drop_unsaved(batch)
+                return False
         await self._save(batch)
+        return True
+
+    def _drop_unsaved(self, batch: Batch) -> None:
+        """Forget what a batch that could not be saved decided: its partitions' retry windows
+        are built again from the table (``_take_over_if_needed``), which holds the state before
+        the batch, and its commands are decided again by whoever holds them next."""
+        metrics.SAVES_REFUSED.inc()
+        for partition in batch.handled:
+            del self.recent[partition]
+        log.warning(
+            "the group no longer gives this worker commands partitions %s (it was paused or cut off"
+            " past STOCKFLOW_PROCESSOR_SESSION_TIMEOUT_S, or the group is rebalancing): their batch"
+            " of %s commands is not saved; its commands will be decided again by their holder",
+            sorted(batch.handled),
+            batch.commands,
+        )
 
     def saved_offset(self, partition: int) -> int:
         """The offset of the last command the table records as handled on ``partition``, -1 if
@@ -834,7 +883,13 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
         key_type=str,
     )
     app.tables.add(table)
-    handler = CommandHandler(settings, table, app.producer, read_commands)
+
+    async def commit_as_member(offsets: dict[int, int]) -> bool:
+        consumer = cast(Consumer, app.consumer)  # built by processors.transport
+        tps = {TP(settings.commands_topic, partition): offset for partition, offset in offsets.items()}
+        return await consumer.commit_as_member(tps)
+
+    handler = CommandHandler(settings, table, app.producer, read_commands, commit_as_member)
 
     def committable(tp: TP) -> int | None:
         """One past the last command handled on a commands partition, as the table has it (Faust
@@ -862,7 +917,7 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
                 ]
             )
             for tp in {m.tp for m in messages}:
-                handled = handler.recent[tp.partition].last_offset
+                handled = handler.handled_offset(tp.partition)
                 lag = max(app.consumer.highwater(tp) - handled - 1, 0)
                 metrics.CONSUMER_LAG.labels(settings.processor_group, tp.partition).set(lag)
 

@@ -13,7 +13,7 @@ row, and p90 latency went to 1.5 s; with 50 ms, p90 stayed at 130-150 ms.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -35,6 +35,21 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class Consumer(faust_aiokafka.Consumer):
     # The offset to commit for a partition, or None for Faust's own (set by processors.app).
     committable: Callable[[TP], int | None] | None = None
+
+    async def commit_as_member(self, offsets: Mapping[TP, int]) -> bool:
+        """Commit ``offsets`` under this worker's membership of the group: True if the broker took
+        them and the worker still holds every one of the partitions.
+
+        The broker refuses a commit from a member it has dropped (its session timed out while
+        the process was paused or cut off) or while the group rebalances, so True means that a
+        moment ago no other worker had been given these partitions.
+        """
+        if not offsets or not set(offsets) <= self.assignment():
+            return False
+        # Faust commits only the partitions its consumer holds, and says False when the broker
+        # answers that the group has rebalanced; it crashes the worker on any other error.
+        committed = await self._commit(offsets)
+        return committed and set(offsets) <= self.assignment()
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)

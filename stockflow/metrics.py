@@ -29,6 +29,11 @@ COMMANDS_DECIDED = Counter(
 COMMAND_RETRIES = Counter(
     "stockflow_command_retries_total", "Commands recognised as a retry of one already decided"
 )
+SAVES_REFUSED = Counter(
+    "stockflow_processor_saves_refused_total",
+    "Batches a processor decided but did not save: the group had given their partitions to"
+    " another worker (or was rebalancing) by the time their events were in the log",
+)
 DEAD_LETTERS = Counter("stockflow_dead_letters_total", "Messages parked in a dead-letter topic", ["type"])
 DECIDED_LATENCY = Histogram(
     "stockflow_command_decided_seconds",

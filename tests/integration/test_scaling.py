@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from producers.commands import restock
+from producers.commands import place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
 from stockflow.lag import LagProbe
@@ -86,4 +86,68 @@ def test_two_workers_of_each_kind_share_the_partitions_and_survive_losing_one(
         for kind in ("processor", "projection"):
             stack.worker(kind, 2).stop()
         publisher.close()  # librdkafka clients left open can hang the interpreter's exit
+        probe.close()
+
+
+def held_by(probe: LagProbe, settings: Settings, members: int) -> bool:
+    """True once exactly ``members`` processors hold all the commands partitions between them."""
+    held = probe.assignments().get(settings.processor_group, {})
+    return len(held) == settings.partitions and len(set(held.values())) == members
+
+
+def test_a_processor_paused_past_its_session_saves_nothing_over_the_worker_that_replaced_it(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    """A worker stopped mid-load (SIGSTOP: a frozen VM or a network partition looks the same to
+    the group) for longer than its session is replaced; when it runs again, the batch it was
+    deciding must not be saved over what its replacement saved. The damage shows only when a
+    later worker restores the table, so the replacement is then killed and the paused one takes
+    everything over from the changelog, and decides more on it."""
+    probe = LagProbe(settings)
+    publisher = Publisher(settings)
+    paused = stack.worker("processor", 1)
+    pid = paused.pid()
+    assert pid is not None, "processor-1 is not running"
+    log_start = paused.log_file.stat().st_size
+    try:
+        stack.start_workers("processor", 2)
+        wait_for("two processors to share the partitions", lambda: held_by(probe, settings, 2), 90)
+        baseline = verify(settings).decisions
+        profile = LoadProfile(orders=10_000, rate=2_000, skus=200, sku_prefix=unique("PAUSE") + "-", seed=5)
+        for sku in profile.sku_names():
+            publisher.send(restock(sku, 100))
+        assert publisher.flush(30) == 0
+        done: list[LoadReport] = []
+        sender = threading.Thread(target=lambda: done.append(run_load(publisher, profile)))
+        sender.start()
+        wait_for("1,000 decisions of this load", lambda: verify(settings).decisions > baseline + 1_000, 120)
+        os.kill(pid, signal.SIGSTOP)
+        sender.join(120)
+        assert done and done[0].acknowledged == 10_000, done and done[0].errors
+        wait_for("processor-2 to hold every partition", lambda: held_by(probe, settings, 1), 120)
+        expected = baseline + len(profile.sku_names()) + profile.orders
+        wait_for("processor-2 to decide the whole load", lambda: verify(settings).decisions >= expected, 120)
+        os.kill(pid, signal.SIGCONT)
+        wait_for("processor-1 to rejoin", lambda: held_by(probe, settings, 2), 120)
+        # A few SKUs change, so each partition's handled offset moves on while most SKU rows
+        # stay as processor-2 saved them: an older row saved after them would stay last.
+        for sku in profile.sku_names()[:20]:
+            publisher.send(restock(sku, 1))
+        assert publisher.flush(30) == 0
+        quiet_verify(settings)
+        replacement = stack.worker("processor", 2).pid()
+        assert replacement is not None, "processor-2 is not running"
+        os.kill(replacement, signal.SIGKILL)
+        wait_for("processor-1 to hold every partition", lambda: held_by(probe, settings, 1), 120)
+        for sku in profile.sku_names():  # decided on the table processor-1 restored
+            publisher.send(place_order(sku, 1))
+        assert publisher.flush(30) == 0
+        report = quiet_verify(settings, timeout_s=300)
+        refused = paused.log_file.read_bytes()[log_start:].count(b"is not saved")
+        print(f"\nbatches the paused worker did not save: {refused}; {report.summary()}")
+        assert report.problems == []
+    finally:
+        os.kill(pid, signal.SIGCONT)  # the stack's own processor-1, whatever failed above
+        stack.worker("processor", 2).stop()
+        publisher.close()
         probe.close()
