@@ -291,36 +291,39 @@ class StateTable(faust.Table[str, Any]):
                     key_partition[key] = partition
         return sum(1 for partition in key_partition.values() if partition in latest)
 
-    async def write(self, partition: int, changes: Sequence[tuple[str, Any]]) -> None:
-        """Set each key to its value (None deletes it) and send the changes to one changelog
-        partition, in order.
-
-        The changes go out as Kafka record batches built here (aiokafka's create_batch and
-        send_batch), usually one: a record batch is appended to the log whole, and a change
-        costs about 2 us this way against about 9 us as a send of its own (one future each).
-        """
+    def encode(self, changes: Sequence[tuple[str, Any]]) -> list[Any]:
+        """``changes`` (key, value; None deletes the key) as Kafka record batches for the
+        changelog, built here (aiokafka's create_batch), usually one: a record batch is appended
+        to the log whole, and a change costs about 2 us this way against about 9 us as a send of
+        its own (one future each). Nothing is sent, and the store is not changed yet."""
         producer = cast(Any, self.app.producer)._ensure_producer()  # Faust's aiokafka producer
+        batches = [producer.create_batch()]
+        for key, value in changes:
+            key_bytes = to_json(key)
+            value_bytes = None if value is None else to_json(value)  # None: a tombstone
+            # None: the batch is full. Start another, which takes any one record.
+            while batches[-1].append(key=key_bytes, value=value_bytes, timestamp=None) is None:
+                batches.append(producer.create_batch())
+        return batches
+
+    async def write(self, partition: int, changes: Sequence[tuple[str, Any]], batches: list[Any]) -> None:
+        """Set each key to its value (None deletes it) and send ``batches``, the changes as
+        ``encode`` gave them, to one changelog partition, in order."""
+        producer = cast(Any, self.app.producer)._ensure_producer()
         topic = self.changelog_topic.get_topic_name()
         store = cast(Any, self.data)
         # Each key's partition, as Faust's memory store notes it when it restores a key: when
         # the partition goes to another worker, the store drops its keys after the rebalance.
         data, key_partition = store.data, store._key_partition
-        batch = producer.create_batch()
         for key, value in changes:
-            key_bytes = to_json(key)
-            value_bytes = None
-            if value is None:  # a deletion: a tombstone in the changelog
+            if value is None:
                 data.pop(key, None)
                 key_partition.pop(key, None)
             else:
                 data[key] = value
                 key_partition[key] = partition
-                value_bytes = to_json(value)
-            # None: the batch is full. Send it and start another, which takes any one record.
-            while batch.append(key=key_bytes, value=value_bytes, timestamp=None) is None:
-                await producer.send_batch(batch, topic, partition=partition)
-                batch = producer.create_batch()
-        await producer.send_batch(batch, topic, partition=partition)
+        for batch in batches:
+            await producer.send_batch(batch, topic, partition=partition)
 
 
 @dataclass
@@ -451,19 +454,28 @@ class CommandHandler:
         which the read models and verify take as repeats.
         """
         await self._send_events(batch)
+        # The state's records are built while the broker takes the events, so that once it has
+        # confirmed the membership only handing them to the producer is left: a pause between
+        # the two would still land the save late. On a debug stack at 2,000 orders/s (batches of
+        # 100-115 commands) that took 0.37-0.44 ms at the median, against 1.0-1.3 ms with the
+        # records built after the confirmation; 4.7 ms for batches of 2,300 commands flat out.
+        offsets = {partition: self.saved_offset(partition) + 1 for partition in batch.handled}
+        changes = self._changes(batch)
+        encoded = {partition: self.table.encode(records) for partition, records in changes.items()}
         await asyncio.gather(*batch.deliveries)
-        if batch.handled:
-            offsets = {partition: self.saved_offset(partition) + 1 for partition in batch.handled}
-            if not await self.commit_as_member(offsets):
-                self._drop_unsaved(batch)
-                return False
-        await self._save(batch)
+        if offsets and not await self.commit_as_member(offsets):
+            self._drop_unsaved(batch)
+            return False
+        for partition, records in changes.items():
+            await self.table.write(partition, records, encoded[partition])
         return True
 
     def _drop_unsaved(self, batch: Batch) -> None:
-        """Forget what a batch that could not be saved decided: its partitions' retry windows
-        are built again from the table (``_take_over_if_needed``), which holds the state before
-        the batch, and its commands are decided again by whoever holds them next."""
+        """Forget what a batch that could not be saved decided: its partitions' retry windows and
+        indexes of order lines and records are built again from the table
+        (``_take_over_if_needed``), which holds the state before the batch (``_changes`` moved
+        the indexes on, but only ``write`` changes the table), and its commands are decided
+        again by whoever holds them next."""
         metrics.SAVES_REFUSED.inc()
         for partition in batch.handled:
             del self.recent[partition]
@@ -696,9 +708,12 @@ class CommandHandler:
             for kind, count in Counter(type(event).__name__ for event in events).items():
                 metrics.COMMANDS_DECIDED.labels(kind).inc(count)
 
-    async def _save(self, batch: Batch) -> None:
-        # Order matters within a partition: a crash keeps a prefix of its changes, so its order
-        # lines go first, then its SKU rows, then the offset it has handled.
+    def _changes(self, batch: Batch) -> dict[int, list[tuple[str, Any]]]:
+        """What saving the batch writes to each changelog partition, in order; the indexes of
+        order lines and records move on with it.
+
+        Order matters within a partition: a crash keeps a prefix of its changes, so its order
+        lines go first, then its SKU rows, then the offset it has handled."""
         changes: dict[int, list[tuple[str, Any]]] = {}
         # Before this batch's records join them: only records already in the table are dropped.
         forgotten = {partition: self._forget_past_window(partition) for partition in batch.handled}
@@ -726,8 +741,7 @@ class CommandHandler:
             # appended before the newest one handled here will be decided again.
             changes[partition] += forgotten[partition] + self._trim_ids(partition)
             metrics.ORDER_LINES.labels(partition).set(len(self.lines[partition]))
-        for partition, partition_changes in changes.items():
-            await self.table.write(partition, partition_changes)
+        return changes
 
     def _save_ids(self, partition: int, first: int, last: int) -> list[tuple[str, Any]]:
         """The batch's retry-window ids as an r: record (several if they are long), after
