@@ -528,8 +528,9 @@ def verify_command(
 ) -> None:
     """Fold the event log and compare it with the processor's table and the Redis read models.
 
-    Views that are only behind the log (lag) are listed but are not failures. On a live system
-    a command the processor has not reached yet counts as lost: give --wait for it to catch up.
+    Views that are only behind the log (lag) are listed but are not failures; a table row
+    behind it once the processor has committed every command is one. On a live system a command
+    the processor has not reached yet counts as lost: give --wait for it to catch up.
 
     Exits 1 and prints each difference if anything was lost, decided twice, or disagrees.
 

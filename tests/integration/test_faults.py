@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import redis
+from confluent_kafka import Producer
 
 from producers.commands import cancel_order, place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
@@ -18,8 +20,11 @@ from producers.publisher import Publisher
 from projections.queries import ReadModels
 from schemas.records import Event, OrderCancelled, OrderRejected
 from stockflow.lag import GroupLag, LagProbe
+from stockflow.logreader import read_latest
+from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
+from stockflow.topics import PROCESSOR_TABLES, changelog_topic
 from stockflow.verify import Report, verify
 from tests.pipeline import events_for, wait_for
 
@@ -63,6 +68,37 @@ def test_verify_passes_on_a_healthy_pipeline(settings: Settings, stack: LocalSta
     assert report.problems == []
     assert report.commands >= 1
     assert report.decisions >= report.commands - report.dead_letters
+
+
+def test_verify_takes_a_table_row_behind_the_log_for_a_mismatch_once_every_command_is_committed(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    # What a processor paused past its session used to leave: an older row of a SKU saved after
+    # the newer one. With the processor idle it can only be that, not a save still to come.
+    sku = unique("STALE")
+    publisher = Publisher(settings)
+    publisher.publish(restock(sku, 5))
+    publisher.publish(restock(sku, 3))
+    publisher.close()
+    assert quiet_verify(settings).problems == []
+    changelog = changelog_topic(settings, PROCESSOR_TABLES[0])
+    partition = partition_for(sku.encode(), settings.partitions)
+    key = json.dumps(f"s:{sku}").encode()
+    row = read_latest(settings, changelog, [partition])[partition].values[key]
+    assert row is not None and json.loads(row)["version"] == 2
+    older = json.dumps({**json.loads(row), "available": 5, "version": 1}).encode()
+    raw = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    try:
+        raw.produce(changelog, older, key, partition=partition)
+        assert raw.flush(30) == 0
+        report = verify(settings)
+        assert [line for line in report.table_mismatches if sku in line] == [
+            f"SKU {sku}: table at 1, log at 2, with every command committed: the changelog holds an older row"
+        ]
+        assert not [line for line in report.behind if sku in line]
+    finally:
+        raw.produce(changelog, row, key, partition=partition)  # the later tests share the table
+        assert raw.flush(30) == 0
 
 
 @dataclass(frozen=True)
