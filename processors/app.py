@@ -448,8 +448,9 @@ class CommandHandler:
         a frozen VM, a network partition) has been replaced, and the worker given its partitions
         restored their table and went on. Its save, landing after that worker's, would put older
         SKU rows and order lines last in the changelog, and the next worker to restore them
-        would decide from them: seen on a stack, a processor stopped for 40 s mid-load, then the
-        other one killed, gave 36 SKUs versions decided twice. Its events are harmless: decided
+        would decide from them: seen on a stack, a processor stopped for 40 s mid-load left 36 SKU
+        rows older than the log, and once the other one was killed, versions already in the log
+        were decided again from them. Its events are harmless: decided
         from the same table, the same commands give the same events (same ids and versions),
         which the read models and verify take as repeats.
         """

@@ -32,6 +32,25 @@ def spread_over(probe: LagProbe, workers: int, partitions: int) -> dict[str, set
     return members if settled and all(len(m) == workers for m in members.values()) else None
 
 
+def load_under_way(
+    settings: Settings, publisher: Publisher, profile: LoadProfile, stock: int, decided: int
+) -> tuple[threading.Thread, list[LoadReport]]:
+    """Each SKU of ``profile`` stocked with ``stock``, then its orders sent from a thread, paced
+    so that a fault lands mid-load (unpaced, the batch frames are all in within a second);
+    returns once ``decided`` of them are decided, with the thread and where its report goes."""
+    baseline = verify(settings).decisions
+    for sku in profile.sku_names():
+        publisher.send(restock(sku, stock))
+    assert publisher.flush(30) == 0
+    done: list[LoadReport] = []
+    sender = threading.Thread(target=lambda: done.append(run_load(publisher, profile)))
+    sender.start()
+    wait_for(
+        f"{decided:,} decisions of this load", lambda: verify(settings).decisions > baseline + decided, 120
+    )
+    return sender, done
+
+
 def test_two_workers_of_each_kind_share_the_partitions_and_survive_losing_one(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
@@ -47,16 +66,8 @@ def test_two_workers_of_each_kind_share_the_partitions_and_survive_losing_one(
         )
         print(f"\npartitions spread over: {spread}")
 
-        baseline = verify(settings).decisions
-        # Paced, so the kills land mid-load: unpaced, the batch frames are all in within a second.
         profile = LoadProfile(orders=20_000, rate=2_000, skus=200, sku_prefix=unique("SCALE") + "-", seed=11)
-        for sku in profile.sku_names():
-            publisher.send(restock(sku, 150))
-        assert publisher.flush(30) == 0
-        done: list[LoadReport] = []
-        sender = threading.Thread(target=lambda: done.append(run_load(publisher, profile)))
-        sender.start()
-        wait_for("2,000 decisions of this load", lambda: verify(settings).decisions > baseline + 2_000, 120)
+        sender, done = load_under_way(settings, publisher, profile, stock=150, decided=2_000)
 
         for kind in ("processor", "projection"):
             pid = stack.worker(kind, 2).pid()
@@ -114,13 +125,7 @@ def test_a_processor_paused_past_its_session_saves_nothing_over_the_worker_that_
         wait_for("two processors to share the partitions", lambda: held_by(probe, settings, 2), 90)
         baseline = verify(settings).decisions
         profile = LoadProfile(orders=10_000, rate=2_000, skus=200, sku_prefix=unique("PAUSE") + "-", seed=5)
-        for sku in profile.sku_names():
-            publisher.send(restock(sku, 100))
-        assert publisher.flush(30) == 0
-        done: list[LoadReport] = []
-        sender = threading.Thread(target=lambda: done.append(run_load(publisher, profile)))
-        sender.start()
-        wait_for("1,000 decisions of this load", lambda: verify(settings).decisions > baseline + 1_000, 120)
+        sender, done = load_under_way(settings, publisher, profile, stock=100, decided=1_000)
         os.kill(pid, signal.SIGSTOP)
         sender.join(120)
         assert done and done[0].acknowledged == 10_000, done and done[0].errors
