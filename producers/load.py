@@ -93,11 +93,14 @@ def run_load(
             break
         if profile.rate > 0:
             # Pace against the schedule, not the previous send, so the rate holds on average.
-            delay = started + i / profile.rate - now
-            if delay > 0:
-                if pending and now + delay - pending_since >= LINGER_S:
+            # Poll until the command is due: a poll returns as soon as it has served a delivery
+            # report, and taking that as the wait sent low rates out as fast as Kafka answered.
+            due = started + i / profile.rate
+            while now < due:
+                if pending and due - pending_since >= LINGER_S:
                     send_pending()  # do not hold a due command longer than LINGER_S
-                publisher.poll(delay)
+                publisher.poll(due - now)
+                now = time.monotonic()
         if not pending:
             pending_since = time.monotonic()
         sku = rng.choice(hot) if hot and rng.random() < profile.hot_share else rng.choice(skus)

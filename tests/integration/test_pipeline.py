@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import redis
 from confluent_kafka import Producer
 
 from producers.commands import cancel_order, place_order, restock
-from producers.publisher import PartitionCountMismatch, Publisher
+from producers.load import LoadProfile, run_load
+from producers.publisher import DeliveryCallback, PartitionCountMismatch, Publisher
 from projections.queries import ReadModels
 from schemas.codec import codec
 from schemas.records import (
@@ -252,6 +254,29 @@ def test_a_command_on_the_wrong_partition_is_refused_not_decided(
     stock = models.stock(sku)
     assert stock is not None
     assert stock["available"] == 1
+
+
+def test_a_paced_load_sends_no_command_before_it_is_due(
+    publisher: Publisher, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Kafka client's poll returns once it has served a delivery report, long before its
+    # timeout at low rates; the load took that for its wait and sent 300 orders meant for
+    # 100/s in 0.2 s, one command a frame.
+    sent_at: list[tuple[float, int]] = []  # (when, how many commands sent by then)
+    send_many = publisher.send_many
+
+    def recording(commands: Sequence[Command], on_delivery: DeliveryCallback | None = None) -> None:
+        sent_at.append((time.monotonic(), (sent_at[-1][1] if sent_at else 0) + len(commands)))
+        send_many(commands, on_delivery)
+
+    monkeypatch.setattr(publisher, "send_many", recording)
+    rate = 100.0
+    started = time.monotonic()
+    report = run_load(publisher, LoadProfile(orders=200, rate=rate, skus=5, sku_prefix=unique("PACED") + "-"))
+    assert report.acknowledged == 200
+    # Command i (from 0) is due i / rate after the start.
+    early = [(round(when - started, 3), sent) for when, sent in sent_at if sent - 1 > (when - started) * rate]
+    assert not early, f"(s after the start, commands sent by then) ahead of {rate:.0f}/s: {early[:5]}"
 
 
 def test_the_publisher_puts_a_sku_where_kafka_s_partitioner_does(
