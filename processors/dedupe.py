@@ -3,7 +3,7 @@
 A publisher that times out and sends a command again (same command id) must not get a second
 decision. The processor recognises such a retry if the first copy is among the last
 ``STOCKFLOW_DEDUPE_WINDOW`` commands decided on its partition. The window is bounded, so memory
-is too. The processor saves each batch's ids in its table (``processors.app``), so a worker
+is too. The processor saves each batch's ids in its table (``processors.handler``), so a worker
 taking a partition over finds them there; what they do not cover (a table written before they
 were saved, a larger window) it reads back from the commands topic.
 """

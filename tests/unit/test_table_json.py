@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from faust.serializers import codecs
 
-from processors.app import LINE_NUMBERS_BYTES, from_json, line_key, to_json, within_a_message
+from processors.state import LINE_NUMBERS_BYTES, from_json, line_key, to_json, within_a_message
 from schemas.codec import MAX_FRAME_BYTES
 
 # One of each record the table writes (see CommandHandler), with a SKU outside ASCII.
