@@ -96,8 +96,8 @@ def taking_order(ends: dict[int, int]) -> list[tuple[int, int]]:
     return sorted(ends.items(), key=lambda pair: (-pair[1], pair[0]))
 
 
-def _emptied(settings: Settings, database: int, workers: int) -> Settings:
-    """Settings that write to ``database``, emptied; refuses a rebuild that cannot be done."""
+def refuse_unless_possible(settings: Settings, database: int, workers: int) -> None:
+    """Raise RebuildError if a rebuild into ``database`` with ``workers`` cannot be done."""
     if database == live_database(settings.redis_url):
         raise RebuildError(
             f"database {database} holds the live read models (STOCKFLOW_REDIS_URL): rebuild into"
@@ -105,6 +105,11 @@ def _emptied(settings: Settings, database: int, workers: int) -> Settings:
         )
     if workers < 1:
         raise RebuildError(f"--workers is {workers}: a rebuild needs at least one worker process")
+
+
+def _emptied(settings: Settings, database: int, workers: int) -> Settings:
+    """Settings that write to ``database``, emptied; refuses a rebuild that cannot be done."""
+    refuse_unless_possible(settings, database, workers)
     target = settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
     try:
         # Freed in Redis's background thread: emptied in place, an earlier rebuild's 1.9 million

@@ -589,11 +589,18 @@ def rebuild_command(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from projections.rebuild import database_url, ensure_no_projection_workers, live_database, rebuild
+    from projections.rebuild import (
+        database_url,
+        ensure_no_projection_workers,
+        live_database,
+        rebuild,
+        refuse_unless_possible,
+    )
     from projections.rebuild import switch as switch_databases
     from stockflow.verify import verify_read_models
 
     settings = _kafka_settings()
+    refuse_unless_possible(settings, database, workers)  # before a progress bar is drawn
     if switch:
         ensure_no_projection_workers(settings)  # before the work, not only after it
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[events]:,} events"))
