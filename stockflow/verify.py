@@ -94,11 +94,16 @@ def verify(settings: Settings) -> Report:
     probe = LagProbe(settings)
     try:
         quiet = _processor_quiet(probe, settings)
+        # The views first, the log after: each is made from the log, so read in this order none
+        # can be ahead of the fold, and one behind it is lag. Read after the log, a live
+        # processor's rows for commands decided meanwhile were reported as mismatches.
+        table = _read_table(settings)
+        read_models = _read_read_models(settings)
         commands = _accepted_commands(settings, report)
         folds = _fold_event_log(settings, report, commands)
         report.lost = sorted(commands)  # what _fold_event_log did not account for
         report.skus = len(folds)
-        _compare_with_table(settings, report, folds)
+        _compare_with_table(report, folds, table)
         if quiet is not None and _processor_quiet(probe, settings) == quiet:
             # The processor had committed every command before the reads began, and none came
             # while they ran: it commits only what its table saved, so a row behind the log is
@@ -108,7 +113,7 @@ def verify(settings: Settings) -> Report:
                 for line in report.table_behind
             ]
             report.table_behind = []
-        _compare_with_read_models(settings, report, folds)
+        _compare_with_read_models(report, folds, read_models)
     finally:
         probe.close()
     return report
@@ -125,9 +130,10 @@ def _processor_quiet(probe: LagProbe, settings: Settings) -> int | None:
 def verify_read_models(settings: Settings) -> Report:
     """Fold the event log and compare it with the Redis read models alone (a rebuild's check)."""
     report = Report()
+    read_models = _read_read_models(settings)
     folds = _fold_event_log(settings, report, set())
     report.skus = len(folds)
-    _compare_with_read_models(settings, report, folds)
+    _compare_with_read_models(report, folds, read_models)
     return report
 
 
@@ -225,7 +231,8 @@ def inconsistency(fold: SkuFold, event: Event) -> str:
     return ""
 
 
-def _compare_with_table(settings: Settings, report: Report, folds: dict[str, SkuFold]) -> None:
+def _read_table(settings: Settings) -> dict[str, dict[str, int]]:
+    """The processor's SKU rows, as its table's changelog holds them now."""
     table: dict[str, dict[str, int]] = {}
     for record in read_topic(settings, changelog_topic(settings, "state")):
         key = json.loads(record.key) if record.key else ""  # Faust writes keys and values as JSON
@@ -236,6 +243,17 @@ def _compare_with_table(settings: Settings, report: Report, folds: dict[str, Sku
             table[sku] = json.loads(record.value)
         else:
             table.pop(sku, None)  # a tombstone: the key was deleted
+    return table
+
+
+def _read_read_models(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every SKU's stock row in Redis now."""
+    models = ReadModels(redis.Redis.from_url(settings.redis_url))
+    rows = {sku: models.stock(sku) for sku in models.skus()}
+    return {sku: row for sku, row in rows.items() if row is not None}
+
+
+def _compare_with_table(report: Report, folds: dict[str, SkuFold], table: dict[str, dict[str, int]]) -> None:
     for sku, fold in folds.items():
         row = table.get(sku) or {"available": 0, "version": 0}
         if row["version"] < fold.version:
@@ -248,10 +266,11 @@ def _compare_with_table(settings: Settings, report: Report, folds: dict[str, Sku
             )
 
 
-def _compare_with_read_models(settings: Settings, report: Report, folds: dict[str, SkuFold]) -> None:
-    models = ReadModels(redis.Redis.from_url(settings.redis_url))
+def _compare_with_read_models(
+    report: Report, folds: dict[str, SkuFold], read_models: dict[str, dict[str, Any]]
+) -> None:
     for sku, fold in folds.items():
-        row = models.stock(sku) or {"version": 0}
+        row = read_models.get(sku) or {"version": 0}
         if row["version"] < fold.version:
             report.read_model_behind.append(
                 f"SKU {sku}: read model at {row['version']}, log at {fold.version}"
