@@ -528,9 +528,10 @@ def verify_command(
 ) -> None:
     """Fold the event log and compare it with the processor's table and the Redis read models.
 
-    Views that are only behind the log (lag) are listed but are not failures; a table row
-    behind it once the processor has committed every command is one. On a live system a command
-    the processor has not reached yet counts as lost: give --wait for it to catch up.
+    Commands the processor has not reached yet and views only behind the log (lag) are listed
+    but are not failures, so it can run on a live system; a command the processor has committed
+    past without a decision is lost, and a table row behind the log once the processor has
+    committed every command is a mismatch.
 
     Exits 1 and prints each difference if anything was lost, decided twice, or disagrees.
 
@@ -543,7 +544,7 @@ def verify_command(
     settings = _kafka_settings()
     deadline = time.monotonic() + wait
     report = verify(settings)
-    while (report.behind or report.lost) and time.monotonic() < deadline:
+    while report.behind and time.monotonic() < deadline:
         time.sleep(1)
         report = verify(settings)
     if as_json:

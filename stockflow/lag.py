@@ -22,11 +22,14 @@ from stockflow.errors import StackError, StockflowError
 from stockflow.settings import Settings
 from stockflow.topics import admin_client
 
-# A group's coordinator is moving or loading (a broker just started): ask again shortly.
-COORDINATOR_MOVING = {
+# A group's coordinator or a partition's leader is moving, loading or not elected yet (a broker
+# just started, a topic was just created): ask again shortly.
+BROKER_SETTLING = {
     KafkaError.NOT_COORDINATOR,
     KafkaError.COORDINATOR_NOT_AVAILABLE,
     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
 }
 
 log = logging.getLogger(__name__)
@@ -41,11 +44,18 @@ class GroupLag:
     group: str
     topic: str
     partitions: dict[int, int]  # partition -> messages not yet committed by the group
-    consumed: int  # messages committed by the group, all partitions: for rates
+    # partition -> the group's committed offset (the next message it takes), or the first
+    # offset still kept where it never committed
+    committed: dict[int, int]
 
     @property
     def total(self) -> int:
         return sum(self.partitions.values())
+
+    @property
+    def consumed(self) -> int:
+        """Messages committed by the group, all partitions: for rates."""
+        return sum(self.committed.values())
 
     def as_json(self) -> dict[str, object]:
         return {"topic": self.topic, "partitions": self.partitions, "total": self.total}
@@ -95,8 +105,7 @@ class LagProbe:
                     self._group_lag(group, topic, ends, timeout_s) for group, topic in self._groups.items()
                 ]
             except KafkaException as exc:
-                # A group coordinator moves or loads for a moment after a broker starts.
-                if exc.args[0].code() in COORDINATOR_MOVING and time.monotonic() < deadline:
+                if exc.args[0].code() in BROKER_SETTLING and time.monotonic() < deadline:
                     time.sleep(0.2)
                     continue
                 raise StackError(
@@ -118,7 +127,7 @@ class LagProbe:
             if offset < 0:
                 committed[p] = starts[(topic, p)]
         lags = {p: max(ends[(topic, p)] - offset, 0) for p, offset in committed.items()}
-        return GroupLag(group, topic, lags, sum(committed.values()))
+        return GroupLag(group, topic, lags, committed)
 
     def _offsets(
         self, partitions: list[TopicPartition], spec: Any, timeout_s: float

@@ -3,8 +3,8 @@
 Reads the commands topic, the dead letter topic and the event log from the start, folds the
 log per SKU (checking that each SKU's history holds together), and compares the fold with the
 processor's stock table (its changelog topic) and with the Redis read models. Safe on a live
-system: it only reads, and a read model that is merely behind (lower version than the log) is
-reported as lag, not as a mismatch.
+system: it only reads, and a view that is merely behind (lower version than the log) or a
+command the processor has not reached yet is reported as lag, not as a mismatch or a loss.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from projections.views import KIND
 from schemas.codec import codec
 from schemas.records import Event, OrderCancelled, OrderProcessed, StockReplenished
 from stockflow.errors import DecodeError
-from stockflow.lag import LagProbe
+from stockflow.lag import GroupLag, LagProbe
 from stockflow.logreader import read_topic
 from stockflow.settings import Settings
 from stockflow.topics import changelog_topic
@@ -47,7 +47,10 @@ class Report:
     decisions: int = 0  # distinct event ids in the log
     repeated_events: int = 0  # an event id already in the log, same decision: harmless
     skus: int = 0
-    lost: list[str] = field(default_factory=list)  # accepted, never decided, not dead-lettered
+    # Accepted, not dead-lettered, undecided though the processor had committed past it
+    lost: list[str] = field(default_factory=list)
+    # Accepted, not decided yet, after the processor's committed offset: lag
+    undecided: list[str] = field(default_factory=list)
     double_decisions: list[str] = field(default_factory=list)
     # Version gaps, negative stock, stock that does not add up, a cancel without its order: a
     # history no sequence of decisions could give.
@@ -76,6 +79,7 @@ class Report:
             "repeated_events": self.repeated_events,
             "skus": self.skus,
             "lost": len(self.lost),
+            "undecided": len(self.undecided),
             "double_decisions": len(self.double_decisions),
             "broken_history": len(self.broken_history),
             "table_mismatches": len(self.table_mismatches),
@@ -86,14 +90,16 @@ class Report:
 
     @property
     def behind(self) -> list[str]:
-        return self.table_behind + self.read_model_behind
+        undecided = [f"command {command_id}: not decided yet" for command_id in self.undecided]
+        return undecided + self.table_behind + self.read_model_behind
 
 
 def verify(settings: Settings) -> Report:
     report = Report()
     probe = LagProbe(settings)
     try:
-        quiet = _processor_quiet(probe, settings)
+        processor = _processor_lag(probe, settings)
+        quiet = processor.consumed if processor.total == 0 else None
         # The views first, the log after: each is made from the log, so read in this order none
         # can be ahead of the fold, and one behind it is lag. Read after the log, a live
         # processor's rows for commands decided meanwhile were reported as mismatches.
@@ -101,10 +107,15 @@ def verify(settings: Settings) -> Report:
         read_models = _read_read_models(settings)
         commands = _accepted_commands(settings, report)
         folds = _fold_event_log(settings, report, commands)
-        report.lost = sorted(commands)  # what _fold_event_log did not account for
+        # What _fold_event_log did not find decided. The processor commits a command only once
+        # its decision is in the log and its state saved, so one before the committed offset read
+        # at the start is lost; one after it may not have been reached yet.
+        for command_id, (partition, offset) in sorted(commands.items()):
+            lost = offset < processor.committed.get(partition, 0)
+            (report.lost if lost else report.undecided).append(command_id)
         report.skus = len(folds)
         _compare_with_table(report, folds, table)
-        if quiet is not None and _processor_quiet(probe, settings) == quiet:
+        if quiet is not None and _processor_lag(probe, settings).consumed == quiet:
             # The processor had committed every command before the reads began, and none came
             # while they ran: it commits only what its table saved, so a row behind the log is
             # not lag but an older row saved last (README: a worker paused past its session).
@@ -119,32 +130,30 @@ def verify(settings: Settings) -> Report:
     return report
 
 
-def _processor_quiet(probe: LagProbe, settings: Settings) -> int | None:
-    """How many commands the processor group has committed, if it has committed every one."""
-    for lag in probe.read():
-        if lag.group == settings.processor_group:
-            return lag.consumed if lag.total == 0 else None
-    return None
+def _processor_lag(probe: LagProbe, settings: Settings) -> GroupLag:
+    return next(lag for lag in probe.read() if lag.group == settings.processor_group)
 
 
 def verify_read_models(settings: Settings) -> Report:
     """Fold the event log and compare it with the Redis read models alone (a rebuild's check)."""
     report = Report()
     read_models = _read_read_models(settings)
-    folds = _fold_event_log(settings, report, set())
+    folds = _fold_event_log(settings, report, {})
     report.skus = len(folds)
     _compare_with_read_models(report, folds, read_models)
     return report
 
 
-def _accepted_commands(settings: Settings, report: Report) -> set[str]:
+def _accepted_commands(settings: Settings, report: Report) -> dict[str, tuple[int, int]]:
+    """The ids of the commands the processor decides (not parks), each with the partition and
+    offset of its first copy."""
     # A repeat of a parked command (the processor crashed before saving) is one dead letter.
     dead = {
         tuple(int(r.headers.get(f"source.{name}", b"-1")) for name in ("partition", "offset", "index"))
         for r in read_topic(settings, settings.dlq_topic)
     }
     report.dead_letters = len(dead)
-    accepted: set[str] = set()
+    accepted: dict[str, tuple[int, int]] = {}
     for record in read_topic(settings, settings.commands_topic):
         # By the processor's own checks: a command it parks is in the DLQ, counted there.
         for command_id in decided_command_ids(record, settings.partitions):
@@ -152,12 +161,15 @@ def _accepted_commands(settings: Settings, report: Report) -> set[str]:
                 continue
             if command_id in accepted:
                 report.command_repeats += 1
-            accepted.add(command_id)
+            else:
+                accepted[command_id] = (record.partition, record.offset)
     report.commands = len(accepted)
     return accepted
 
 
-def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> dict[str, SkuFold]:
+def _fold_event_log(
+    settings: Settings, report: Report, undecided: dict[str, tuple[int, int]]
+) -> dict[str, SkuFold]:
     """Fold the log per SKU; removes every decided command id from ``undecided``."""
     folds: dict[str, SkuFold] = {}
     first_seen: dict[str, tuple[str, int, int]] = {}  # event id -> (type, version, available)
@@ -183,7 +195,7 @@ def _fold_event_log(settings: Settings, report: Report, undecided: set[str]) -> 
             earlier = decision_of.setdefault(event.command_id, event.event_id)
             if earlier != event.event_id:
                 report.double_decisions.append(f"command {event.command_id} decided twice")
-            undecided.discard(event.command_id)
+            undecided.pop(event.command_id, None)
             fold = folds.setdefault(event.sku, SkuFold())
             if event.version != fold.version + 1:
                 report.broken_history.append(

@@ -7,8 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
 from schemas.codec import codec
 from schemas.records import Event
+from stockflow.lag import BROKER_SETTLING
 from stockflow.logreader import Logged
 from stockflow.logreader import read_topic as _read_topic
 from stockflow.partitioning import partition_for
@@ -58,3 +61,24 @@ def sku_on_every_partition(settings: Settings, prefix: str) -> list[str]:
         skus.setdefault(partition_for(f"{prefix}-{n}".encode(), settings.partitions), f"{prefix}-{n}")
     assert len(skus) == settings.partitions
     return list(skus.values())
+
+
+def commit_offset(settings: Settings, group: str, position: TopicPartition) -> None:
+    """Commit ``position`` for ``group``, a group with no member, as if it had consumed that far."""
+    committer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group})
+
+    def committed() -> bool:
+        try:
+            committer.commit(offsets=[position], asynchronous=False)
+        except KafkaException as exc:
+            # On a broker just started, the group's coordinator may still be loading: the
+            # commit is refused (NOT_COORDINATOR) and librdkafka finds it again for the next.
+            if exc.args[0].code() in BROKER_SETTLING:
+                return False
+            raise
+        return True
+
+    try:
+        wait_for(f"the coordinator of group {group} to take a commit", committed, 30)
+    finally:
+        committer.close()

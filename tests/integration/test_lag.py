@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Producer, TopicPartition
 
-from stockflow.lag import COORDINATOR_MOVING, LagProbe
+from stockflow.lag import LagProbe
 from stockflow.settings import Settings
 from stockflow.topics import admin_client, ensure_topics
-from tests.pipeline import wait_for
+from tests.pipeline import commit_offset
 
 
 @pytest.mark.usefixtures("stack")
@@ -37,21 +37,7 @@ def test_lag_is_the_end_offset_less_the_commit_or_the_first_offset_kept(
             producer.produce(topic, b"x", partition=partition)
     assert producer.flush(30) == 0
 
-    committer = Consumer({"bootstrap.servers": own.bootstrap_servers, "group.id": own.processor_group})
-
-    def committed() -> bool:
-        try:
-            committer.commit(offsets=[TopicPartition(own.commands_topic, 0, 2)], asynchronous=False)
-        except KafkaException as exc:
-            # On a broker just started, the group's coordinator may still be loading: the
-            # commit is refused (NOT_COORDINATOR) and librdkafka finds it again for the next.
-            if exc.args[0].code() in COORDINATOR_MOVING:
-                return False
-            raise
-        return True
-
-    wait_for("the group's coordinator to take a commit", committed, 30)
-    committer.close()
+    commit_offset(own, own.processor_group, TopicPartition(own.commands_topic, 0, 2))
     # Partition 1 keeps its last record alone, and the group has never committed there.
     admin = admin_client(own)  # kept: a freed AdminClient never completes its futures
     for future in admin.delete_records([TopicPartition(own.commands_topic, 1, 2)]).values():
