@@ -13,6 +13,8 @@ from schemas.records import Command
 
 # How long a due command may wait for others to share its batch frame, like a producer's linger.
 LINGER_S = 0.02
+# The shortest wait a poll is asked for (see run_load).
+MIN_POLL_S = 0.001
 # How long the load waits, once everything is sent, for Kafka to answer for every command.
 ACK_WAIT_S = 60.0
 
@@ -99,7 +101,11 @@ def run_load(
             while now < due:
                 if pending and due - pending_since >= LINGER_S:
                     send_pending()  # do not hold a due command longer than LINGER_S
-                publisher.poll(due - now)
+                # At least a millisecond: librdkafka waits whole ones, so a shorter poll returns at
+                # once and the loop spun (318 us of CPU a command at 3,000/s against 71). A
+                # command sent up to a millisecond late puts the next ones behind the schedule,
+                # and they go without waiting until it is caught up.
+                publisher.poll(max(due - now, MIN_POLL_S))
                 now = time.monotonic()
         if not pending:
             pending_since = time.monotonic()
