@@ -256,20 +256,27 @@ def test_a_command_on_the_wrong_partition_is_refused_not_decided(
     assert stock["available"] == 1
 
 
-def test_a_paced_load_sends_no_command_before_it_is_due(
+def test_a_paced_load_sends_no_command_before_it_is_due_and_waits_without_spinning(
     publisher: Publisher, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A Kafka client's poll returns once it has served a delivery report, long before its
     # timeout at low rates; the load took that for its wait and sent 300 orders meant for
-    # 100/s in 0.2 s, one command a frame.
+    # 100/s in 0.2 s, one command a frame. Then, polling until due, it spun through polls
+    # shorter than the millisecond librdkafka can wait.
     sent_at: list[tuple[float, int]] = []  # (when, how many commands sent by then)
-    send_many = publisher.send_many
+    send_many, poll = publisher.send_many, publisher.poll
+    polls = [0]
 
     def recording(commands: Sequence[Command], on_delivery: DeliveryCallback | None = None) -> None:
         sent_at.append((time.monotonic(), (sent_at[-1][1] if sent_at else 0) + len(commands)))
         send_many(commands, on_delivery)
 
+    def counting(timeout_s: float = 0.0) -> None:
+        polls[0] += 1
+        poll(timeout_s)
+
     monkeypatch.setattr(publisher, "send_many", recording)
+    monkeypatch.setattr(publisher, "poll", counting)
     rate = 100.0
     started = time.monotonic()
     report = run_load(publisher, LoadProfile(orders=200, rate=rate, skus=5, sku_prefix=unique("PACED") + "-"))
@@ -277,6 +284,8 @@ def test_a_paced_load_sends_no_command_before_it_is_due(
     # Command i (from 0) is due i / rate after the start.
     early = [(round(when - started, 3), sent) for when, sent in sent_at if sent - 1 > (when - started) * rate]
     assert not early, f"(s after the start, commands sent by then) ahead of {rate:.0f}/s: {early[:5]}"
+    # A poll waits a millisecond or more unless a delivery report ends it: one a frame.
+    assert polls[0] <= report.elapsed_s * 1000 + 2 * len(sent_at), f"{polls[0]} polls"
 
 
 def test_the_publisher_puts_a_sku_where_kafka_s_partitioner_does(
