@@ -107,7 +107,8 @@ def test_verify_run_under_load_finds_views_behind_the_log_not_mismatches(
 ) -> None:
     # verify used to read the log first and the views after it: the rows a live processor and
     # projection wrote for commands decided in between were ahead of the fold, and reported as
-    # mismatches (exit 1), which `--wait` does not wait out.
+    # mismatches (exit 1), which `--wait` does not wait out. Nor is a command the processor has
+    # not reached yet lost (the next test).
     publisher = Publisher(settings)
     profile = LoadProfile(orders=12_000, rate=2_000, skus=50, sku_prefix=unique("LIVE") + "-", seed=3)
     sender = threading.Thread(target=run_load, args=(publisher, profile))
