@@ -18,7 +18,7 @@ import redis
 
 from processors.dedupe import decided_command_ids
 from projections.queries import ReadModels
-from projections.store import STOCK_COUNTERS
+from projections.store import STOCK_COUNTERS, TOP_KEY, TOP_VERSIONS_KEY
 from projections.views import KIND
 from schemas.codec import codec
 from schemas.records import Event, OrderCancelled, OrderProcessed, StockReplenished
@@ -259,9 +259,18 @@ def _read_table(settings: Settings) -> dict[str, dict[str, int]]:
 
 
 def _read_read_models(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every SKU's stock row in Redis now."""
-    models = ReadModels(redis.Redis.from_url(settings.redis_url))
+    """Every SKU's stock row in Redis now, with its top sellers entry: ``top`` is (the SKU's
+    version the score is at, units sold), (0, 0) if it has none."""
+    client = redis.Redis.from_url(settings.redis_url)
+    models = ReadModels(client)
     rows = {sku: models.stock(sku) for sku in models.skus()}
+    scores: list[tuple[bytes, float]] = client.zrange(TOP_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
+    versions: dict[bytes, bytes] = client.hgetall(TOP_VERSIONS_KEY)  # type: ignore[assignment]
+    units = {sku.decode(): int(score) for sku, score in scores}
+    for sku, version in versions.items():
+        row = rows.get(sku.decode())
+        if row is not None:
+            row["top"] = (int(version), units.get(sku.decode(), 0))
     return {sku: row for sku, row in rows.items() if row is not None}
 
 
@@ -294,3 +303,10 @@ def _compare_with_read_models(
         if actual != expected:
             diff = {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]}
             report.read_model_mismatches.append(f"SKU {sku}: (read model, log) differ in {diff}")
+        top_version, top_units = row.get("top", (0, 0))
+        if top_version < fold.version:
+            report.read_model_behind.append(f"SKU {sku}: top sellers at {top_version}, log at {fold.version}")
+        elif top_units != (sold := fold.counters["units_sold"]):
+            report.read_model_mismatches.append(
+                f"SKU {sku}: top sellers have {top_units} sold, the log {sold}"
+            )

@@ -19,6 +19,7 @@ from producers.commands import cancel_order, place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
 from projections.queries import ReadModels
+from projections.store import TOP_KEY
 from schemas.records import Event, OrderCancelled, OrderRejected
 from stockflow.lag import GroupLag, LagProbe
 from stockflow.logreader import read_latest
@@ -100,6 +101,26 @@ def test_verify_takes_a_table_row_behind_the_log_for_a_mismatch_once_every_comma
     finally:
         raw.produce(changelog, row, key, partition=partition)  # the later tests share the table
         assert raw.flush(30) == 0
+
+
+def test_verify_finds_a_top_sellers_score_that_differs_from_the_log(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    sku = unique("TOP")
+    publisher = Publisher(settings)
+    publisher.publish(restock(sku, 5))
+    publisher.publish(place_order(sku, 2))
+    publisher.close()
+    assert quiet_verify(settings).problems == []
+    client = redis.Redis.from_url(settings.redis_url)
+    client.zadd(TOP_KEY, {sku: 1})  # as a stale write would leave it, at the same version
+    try:
+        report = verify(settings)
+        assert [line for line in report.read_model_mismatches if sku in line] == [
+            f"SKU {sku}: top sellers have 1 sold, the log 2"
+        ]
+    finally:
+        client.zadd(TOP_KEY, {sku: 2})
 
 
 def test_verify_run_under_load_finds_views_behind_the_log_not_mismatches(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -186,6 +186,61 @@ def test_a_watermark_lost_while_a_batch_is_written_is_reported_and_not_advanced(
     stock = ReadModels(scratch).stock(first)
     assert stock is not None
     assert (stock["available"], stock["version"]) == (4, 2)
+
+
+class PausedAfterSkus(ReadModelStore):
+    """Runs ``meanwhile`` after a batch's SKU scripts, before its top sellers and watermarks: a
+    worker paused there past its session while its replacement went on, or one that crashed."""
+
+    def __init__(self, client: redis.Redis, meanwhile: Callable[[], object]) -> None:
+        super().__init__(client)
+        self._meanwhile = meanwhile
+        self._sends = 0
+
+    def _send(self, commands: Any) -> list[Any]:
+        self._sends += 1
+        if self._sends == 2:
+            self._meanwhile()
+        return super()._send(commands)
+
+
+def test_a_worker_paused_between_its_sku_writes_and_the_top_sellers_does_not_put_back_an_older_score(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    events = decided(sku, restock(sku, 10), place_order(sku, 2), place_order(sku, 3))
+    batch = [(0, i, e) for i, e in enumerate(events)]
+    replacement = ReadModelStore(scratch)
+    paused = PausedAfterSkus(scratch, lambda: replacement.apply(plan_writes(batch)))
+    paused.apply(plan_writes(batch[:2]))  # its SKU script wrote 2 sold; the replacement then 5
+    assert ReadModels(scratch).top(1) == [(sku, 5)]  # was (sku, 2): the paused worker's ZADD
+    assert ReadModels(scratch).watermarks() == {0: 2}
+
+
+def test_a_worker_stopped_before_the_top_sellers_writes_them_when_it_replays_the_batch(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    plan = plan_writes([(0, i, e) for i, e in enumerate(decided(sku, restock(sku, 10), place_order(sku, 4)))])
+
+    def crash() -> None:
+        raise ConnectionError("the worker stopped")
+
+    with pytest.raises(ConnectionError):
+        PausedAfterSkus(scratch, crash).apply(plan)
+    assert ReadModels(scratch).top(1) == []
+    assert ReadModelStore(scratch).apply(plan).events == 0  # the SKU's events were all written
+    assert ReadModels(scratch).top(1) == [(sku, 4)]
+
+
+def test_a_batch_of_more_skus_than_a_lua_call_can_unpack_ranks_them_all(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    skus = [unique(f"MANY{i}") for i in range(9_000)]  # Lua's unpack stops at about 8,000 values
+    events = [event for sku in skus for event in decided(sku, restock(sku, 5), place_order(sku, 2))]
+    outcome = ReadModelStore(scratch).apply(plan_writes([(0, i, e) for i, e in enumerate(events)]))
+    assert (outcome.events, outcome.gaps) == (len(events), set())
+    assert dict(ReadModels(scratch).top(len(skus) + 1)) == dict.fromkeys(skus, 2)
 
 
 def expires_in_ms(client: redis.Redis, order_id: str) -> int:
