@@ -526,7 +526,8 @@ def verify_command(
     ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Fold the event log and compare it with the processor's table and the Redis read models.
+    """Fold the event log and compare it with the processor's table and the Redis read models
+    (stock rows, top sellers, order statuses).
 
     Commands the processor has not reached yet and views only behind the log (lag) are listed
     but are not failures, so it can run on a live system; a command the processor has committed

@@ -2,7 +2,8 @@
 
 Reads the commands topic, the dead letter topic and the event log from the start, folds the
 log per SKU (checking that each SKU's history holds together), and compares the fold with the
-processor's stock table (its changelog topic) and with the Redis read models. Safe on a live
+processor's stock table (its changelog topic) and with the Redis read models: each SKU's stock
+row and top-sellers score, and each order line's status documents. Safe on a live
 system: it only reads, and a view that is merely behind (lower version than the log) or a
 command the processor has not reached yet is reported as lag, not as a mismatch or a loss.
 """
@@ -18,10 +19,10 @@ import redis
 
 from processors.dedupe import decided_command_ids
 from projections.queries import ReadModels
-from projections.store import STOCK_COUNTERS, TOP_KEY, TOP_VERSIONS_KEY
-from projections.views import KIND
+from projections.store import STOCK_COUNTERS, TOP_KEY, TOP_VERSIONS_KEY, exchange, order_key
+from projections.views import KIND, line_field, order_document
 from schemas.codec import codec
-from schemas.records import Event, OrderCancelled, OrderProcessed, StockReplenished
+from schemas.records import Event, OrderCancelled, OrderProcessed, OrderRejected, StockReplenished
 from stockflow.errors import DecodeError
 from stockflow.lag import GroupLag, LagProbe
 from stockflow.logreader import read_topic
@@ -37,6 +38,29 @@ class SkuFold:
     version: int = 0
     counters: Counter[str] = field(default_factory=Counter)
     orders: dict[str, tuple[int, bool]] = field(default_factory=dict)  # order id -> (qty, cancelled)
+    partition: int = -1  # of the events topic
+    # (order id, order hash field) -> offset and document of the first event of that line and
+    # status: the one the projection keeps (HSETNX)
+    documents: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
+
+    def add(self, event: Event, offset: int) -> None:
+        """Count ``event``, logged at ``offset``, in the stock, counters and order documents."""
+        self.available, self.version = event.available_after, event.version
+        self.counters[KIND[type(event)]] += 1
+        if isinstance(event, OrderProcessed):
+            self.counters["units_sold"] += event.qty
+        elif isinstance(event, OrderCancelled):
+            self.counters["units_sold"] -= event.qty
+        if isinstance(event, OrderProcessed | OrderRejected | OrderCancelled):
+            line = (event.order_id, line_field(event.sku, event))
+            self.documents.setdefault(line, (offset, order_document(event)))
+
+
+@dataclass
+class RedisViews:
+    client: redis.Redis
+    watermarks: dict[int, int]  # events partition -> last offset applied, read before the rest
+    rows: dict[str, dict[str, Any]]  # SKU -> stock row and its top-sellers entry ("top")
 
 
 @dataclass
@@ -104,7 +128,7 @@ def verify(settings: Settings) -> Report:
         # can be ahead of the fold, and one behind it is lag. Read after the log, a live
         # processor's rows for commands decided meanwhile were reported as mismatches.
         table = _read_table(settings)
-        read_models = _read_read_models(settings)
+        read_models = _read_redis(settings)
         commands = _accepted_commands(settings, report)
         folds = _fold_event_log(settings, report, commands)
         # What _fold_event_log did not find decided. The processor commits a command only once
@@ -124,7 +148,7 @@ def verify(settings: Settings) -> Report:
                 for line in report.table_behind
             ]
             report.table_behind = []
-        _compare_with_read_models(report, folds, read_models)
+        _compare_with_read_models(report, folds, read_models, settings.order_retention_s > 0)
     finally:
         probe.close()
     return report
@@ -137,10 +161,10 @@ def _processor_lag(probe: LagProbe, settings: Settings) -> GroupLag:
 def verify_read_models(settings: Settings) -> Report:
     """Fold the event log and compare it with the Redis read models alone (a rebuild's check)."""
     report = Report()
-    read_models = _read_read_models(settings)
+    read_models = _read_redis(settings)
     folds = _fold_event_log(settings, report, {})
     report.skus = len(folds)
-    _compare_with_read_models(report, folds, read_models)
+    _compare_with_read_models(report, folds, read_models, settings.order_retention_s > 0)
     return report
 
 
@@ -196,7 +220,7 @@ def _fold_event_log(
             if earlier != event.event_id:
                 report.double_decisions.append(f"command {event.command_id} decided twice")
             undecided.pop(event.command_id, None)
-            fold = folds.setdefault(event.sku, SkuFold())
+            fold = folds.setdefault(event.sku, SkuFold(partition=record.partition))
             if event.version != fold.version + 1:
                 report.broken_history.append(
                     f"SKU {event.sku}: version {event.version} follows {fold.version} at"
@@ -207,12 +231,7 @@ def _fold_event_log(
             problem = inconsistency(fold, event)
             if problem:
                 report.broken_history.append(f"SKU {event.sku} version {event.version}: {problem}")
-            fold.available, fold.version = event.available_after, event.version
-            fold.counters[KIND[type(event)]] += 1
-            if isinstance(event, OrderProcessed):
-                fold.counters["units_sold"] += event.qty
-            elif isinstance(event, OrderCancelled):
-                fold.counters["units_sold"] -= event.qty
+            fold.add(event, record.offset)
     report.decisions = len(first_seen)
     return folds
 
@@ -258,11 +277,12 @@ def _read_table(settings: Settings) -> dict[str, dict[str, int]]:
     return table
 
 
-def _read_read_models(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every SKU's stock row in Redis now, with its top sellers entry: ``top`` is (the SKU's
-    version the score is at, units sold), (0, 0) if it has none."""
+def _read_redis(settings: Settings) -> RedisViews:
+    """The partition watermarks, then every SKU's stock row and top-sellers entry: ``top`` is
+    (the SKU's version the score is at, units sold), (0, 0) if it has none."""
     client = redis.Redis.from_url(settings.redis_url)
     models = ReadModels(client)
+    watermarks = models.watermarks()
     rows = {sku: models.stock(sku) for sku in models.skus()}
     scores: list[tuple[bytes, float]] = client.zrange(TOP_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
     versions: dict[bytes, bytes] = client.hgetall(TOP_VERSIONS_KEY)  # type: ignore[assignment]
@@ -271,7 +291,7 @@ def _read_read_models(settings: Settings) -> dict[str, dict[str, Any]]:
         row = rows.get(sku.decode())
         if row is not None:
             row["top"] = (int(version), units.get(sku.decode(), 0))
-    return {sku: row for sku, row in rows.items() if row is not None}
+    return RedisViews(client, watermarks, {sku: row for sku, row in rows.items() if row is not None})
 
 
 def _compare_with_table(report: Report, folds: dict[str, SkuFold], table: dict[str, dict[str, int]]) -> None:
@@ -288,10 +308,10 @@ def _compare_with_table(report: Report, folds: dict[str, SkuFold], table: dict[s
 
 
 def _compare_with_read_models(
-    report: Report, folds: dict[str, SkuFold], read_models: dict[str, dict[str, Any]]
+    report: Report, folds: dict[str, SkuFold], views: RedisViews, expiring: bool
 ) -> None:
     for sku, fold in folds.items():
-        row = read_models.get(sku) or {"version": 0}
+        row = views.rows.get(sku) or {"version": 0}
         if row["version"] < fold.version:
             report.read_model_behind.append(
                 f"SKU {sku}: read model at {row['version']}, log at {fold.version}"
@@ -310,3 +330,45 @@ def _compare_with_read_models(
             report.read_model_mismatches.append(
                 f"SKU {sku}: top sellers have {top_units} sold, the log {sold}"
             )
+    _compare_order_lines(report, folds, views, expiring)
+
+
+# Orders read from Redis per round trip.
+ORDERS_PER_READ = 1000
+
+
+def _compare_order_lines(
+    report: Report, folds: dict[str, SkuFold], views: RedisViews, expiring: bool
+) -> None:
+    """Each order line's status documents in Redis against the first of that status in the log.
+
+    Read after the log, unlike the rest (the log names the orders): the projection keeps a
+    line's first document of a status for good (HSETNX), so one written since is the same. A
+    document missing at an offset its partition's watermark (read before the log) covers is a
+    mismatch, one after it lag. ``expiring`` (an order retention): a missing one may have
+    expired, and is not reported.
+    """
+    wanted: dict[str, list[tuple[str, int, int, str]]] = {}  # order id -> field, partition, ...
+    for fold in folds.values():
+        for (order_id, name), (offset, document) in fold.documents.items():
+            wanted.setdefault(order_id, []).append((name, fold.partition, offset, document))
+    orders = list(wanted.items())
+    for start in range(0, len(orders), ORDERS_PER_READ):
+        chunk = orders[start : start + ORDERS_PER_READ]
+        reads = [("HMGET", order_key(order_id), *(name for name, *_ in lines)) for order_id, lines in chunk]
+        for (order_id, lines), stored in zip(chunk, exchange(views.client, reads), strict=True):
+            for (name, partition, offset, document), actual in zip(lines, stored, strict=True):
+                if actual is None:
+                    if expiring:
+                        continue
+                    where = f"order {order_id} line {name}: not in Redis"
+                    if offset <= views.watermarks.get(partition, -1):
+                        report.read_model_mismatches.append(
+                            f"{where}, though applied up to {partition}@{offset}"
+                        )
+                    else:
+                        report.read_model_behind.append(where)
+                elif actual.decode() != document:
+                    report.read_model_mismatches.append(
+                        f"order {order_id} line {name}: Redis has {actual.decode()}, the log {document}"
+                    )

@@ -19,7 +19,7 @@ from producers.commands import cancel_order, place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
 from projections.queries import ReadModels
-from projections.store import TOP_KEY
+from projections.store import TOP_KEY, order_key
 from schemas.records import Event, OrderCancelled, OrderRejected
 from stockflow.lag import GroupLag, LagProbe
 from stockflow.logreader import read_latest
@@ -121,6 +121,37 @@ def test_verify_finds_a_top_sellers_score_that_differs_from_the_log(
         ]
     finally:
         client.zadd(TOP_KEY, {sku: 2})
+
+
+def test_verify_finds_an_order_status_that_differs_from_the_log_or_is_missing(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    sku = unique("ORDERDOC")
+    publisher = Publisher(settings)
+    publisher.publish(restock(sku, 5))
+    order = place_order(sku, 2)
+    publisher.publish(order)
+    publisher.close()
+    assert quiet_verify(settings).problems == []
+    client = redis.Redis.from_url(settings.redis_url)
+    key, name = order_key(order.order_id), f"{sku}:processed"
+    document: bytes | None = client.hget(key, name)  # type: ignore[assignment]
+    assert document is not None and json.loads(document)["qty"] == 2
+
+    def order_problems() -> list[str]:
+        return [line for line in verify(settings).read_model_mismatches if order.order_id in line]
+
+    try:
+        tampered = document.replace(b'"qty":2', b'"qty":3')
+        client.hset(key, name, tampered.decode())
+        assert order_problems() == [
+            f"order {order.order_id} line {name}: Redis has {tampered.decode()}, the log {document.decode()}"
+        ]
+        client.hdel(key, name)
+        [missing] = order_problems()
+        assert missing.startswith(f"order {order.order_id} line {name}: not in Redis, though applied up to")
+    finally:
+        client.hset(key, name, document.decode())
 
 
 def test_verify_run_under_load_finds_views_behind_the_log_not_mismatches(

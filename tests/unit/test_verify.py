@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from producers.commands import cancel_order, place_order, restock
-from schemas.records import Event
+from projections.views import order_document
+from schemas.records import Command, Event
 from stockflow.verify import SkuFold, inconsistency
 from tests.history import decided
 
@@ -64,3 +65,28 @@ def test_a_history_the_domain_decided_holds_together() -> None:
 def test_a_history_no_decisions_could_give_is_named(tamper: object, problem: str) -> None:
     found = problems(tamper(history()))  # type: ignore[operator]
     assert any(problem in line for line in found), found
+
+
+def test_the_fold_keeps_each_order_line_s_first_document_of_each_status() -> None:
+    # What the projection keeps (HSETNX): the first document of each status of a line. Here
+    # o-1 placed again (rejected: it exists) and its processing logged again after a crash.
+    commands: list[Command] = [
+        restock("SKU-1", 10),
+        place_order("SKU-1", 3, order_id="o-1"),
+        place_order("SKU-1", 50, order_id="o-big"),
+        cancel_order("SKU-1", "o-1"),
+        place_order("SKU-1", 2, order_id="o-1"),
+        cancel_order("SKU-1", "o-1"),
+    ]
+    events = decided("SKU-1", *commands)
+    assert [type(e).__name__ for e in events[4:]] == ["OrderRejected", "OrderRejected"]
+    fold = SkuFold()
+    for offset, event in enumerate([*events, events[1]]):
+        fold.add(event, offset)
+    assert {line: offset for line, (offset, _) in fold.documents.items()} == {
+        ("o-1", "SKU-1:processed"): 1,
+        ("o-big", "SKU-1:rejected"): 2,
+        ("o-1", "SKU-1:cancelled"): 3,
+        ("o-1", "SKU-1:rejected"): 4,
+    }
+    assert fold.documents[("o-1", "SKU-1:rejected")][1] == order_document(events[4])
