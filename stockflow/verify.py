@@ -11,7 +11,7 @@ command the processor has not reached yet is reported as lag, not as a mismatch 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ class SkuFold:
     counters: Counter[str] = field(default_factory=Counter)
     orders: dict[str, tuple[int, bool]] = field(default_factory=dict)  # order id -> (qty, cancelled)
     partition: int = -1  # of the events topic
+    recent: deque[str] = field(default_factory=deque)  # processed order ids, newest last
     # (order id, order hash field) -> offset and document of the first event of that line and
     # status: the one the projection keeps (HSETNX)
     documents: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
@@ -49,6 +50,7 @@ class SkuFold:
         self.counters[KIND[type(event)]] += 1
         if isinstance(event, OrderProcessed):
             self.counters["units_sold"] += event.qty
+            self.recent.append(event.order_id)
         elif isinstance(event, OrderCancelled):
             self.counters["units_sold"] -= event.qty
         if isinstance(event, OrderProcessed | OrderRejected | OrderCancelled):
@@ -220,7 +222,10 @@ def _fold_event_log(
             if earlier != event.event_id:
                 report.double_decisions.append(f"command {event.command_id} decided twice")
             undecided.pop(event.command_id, None)
-            fold = folds.setdefault(event.sku, SkuFold(partition=record.partition))
+            fold = folds.get(event.sku)
+            if fold is None:
+                recent: deque[str] = deque(maxlen=settings.recent_orders_per_sku)
+                fold = folds[event.sku] = SkuFold(partition=record.partition, recent=recent)
             if event.version != fold.version + 1:
                 report.broken_history.append(
                     f"SKU {event.sku}: version {event.version} follows {fold.version} at"
@@ -317,8 +322,10 @@ def _compare_with_read_models(
                 f"SKU {sku}: read model at {row['version']}, log at {fold.version}"
             )
             continue
-        expected = {"available": fold.available, "version": fold.version}
+        expected: dict[str, Any] = {"available": fold.available, "version": fold.version}
         expected.update({name: fold.counters[name] for name in STOCK_COUNTERS})
+        # Newest first, as many as STOCKFLOW_RECENT_ORDERS_PER_SKU, which the workers share
+        expected["recent_orders"] = list(reversed(fold.recent))
         actual = {name: row.get(name, 0) for name in expected}
         if actual != expected:
             diff = {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]}

@@ -19,7 +19,7 @@ from producers.commands import cancel_order, place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
 from projections.queries import ReadModels
-from projections.store import TOP_KEY, order_key
+from projections.store import TOP_KEY, order_key, recent_key
 from schemas.records import Event, OrderCancelled, OrderRejected
 from stockflow.lag import GroupLag, LagProbe
 from stockflow.logreader import read_latest
@@ -103,24 +103,35 @@ def test_verify_takes_a_table_row_behind_the_log_for_a_mismatch_once_every_comma
         assert raw.flush(30) == 0
 
 
-def test_verify_finds_a_top_sellers_score_that_differs_from_the_log(
+def test_verify_finds_a_top_sellers_score_or_recent_orders_that_differ_from_the_log(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
     sku = unique("TOP")
     publisher = Publisher(settings)
     publisher.publish(restock(sku, 5))
-    publisher.publish(place_order(sku, 2))
+    order = place_order(sku, 2)
+    publisher.publish(order)
     publisher.close()
     assert quiet_verify(settings).problems == []
     client = redis.Redis.from_url(settings.redis_url)
+
+    def sku_problems() -> list[str]:
+        return [line for line in verify(settings).read_model_mismatches if sku in line]
+
     client.zadd(TOP_KEY, {sku: 1})  # as a stale write would leave it, at the same version
     try:
-        report = verify(settings)
-        assert [line for line in report.read_model_mismatches if sku in line] == [
-            f"SKU {sku}: top sellers have 1 sold, the log 2"
-        ]
+        assert sku_problems() == [f"SKU {sku}: top sellers have 1 sold, the log 2"]
     finally:
         client.zadd(TOP_KEY, {sku: 2})
+    client.lpush(recent_key(sku), "o-never-placed")
+    try:
+        assert sku_problems() == [
+            f"SKU {sku}: (read model, log) differ in"
+            f" {{'recent_orders': (['o-never-placed', '{order.order_id}'], ['{order.order_id}'])}}"
+        ]
+    finally:
+        client.lpop(recent_key(sku))
+    assert sku_problems() == []
 
 
 def test_verify_finds_an_order_status_that_differs_from_the_log_or_is_missing(
