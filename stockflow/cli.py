@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -519,6 +521,21 @@ def status(
 
 
 # -- verify --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _stages(title: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr, gone once done, for work in stages: ``show(stage, done, of)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=errors, transient=True) as progress:
+        task = progress.add_task(title, total=None)
+
+        def show(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=f"{title}: {stage}", completed=done, total=total)
+
+        yield show
+
+
 @app.command("verify")
 def verify_command(
     wait: Annotated[
@@ -544,10 +561,11 @@ def verify_command(
 
     settings = _kafka_settings()
     deadline = time.monotonic() + wait
-    report = verify(settings)
-    while report.behind and time.monotonic() < deadline:
-        time.sleep(1)
-        report = verify(settings)
+    with _stages("verify") as show:
+        report = verify(settings, show)
+        while report.behind and time.monotonic() < deadline:
+            time.sleep(1)
+            report = verify(settings, show)
     if as_json:
         print(json.dumps({**report.summary(), "problems": report.problems}, indent=2))
     else:
@@ -622,10 +640,9 @@ def rebuild_command(
     }
     problems: list[str] = []
     if check:
-        with errors.status(f"checking database {database} against a fold of the log (--no-verify skips it)"):
-            report = verify_read_models(
-                settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
-            )
+        rebuilt = settings.model_copy(update={"redis_url": database_url(settings.redis_url, database)})
+        with _stages(f"checking database {database} (--no-verify skips it)") as checked:
+            report = verify_read_models(rebuilt, checked)
         problems = report.read_model_mismatches
         summary["verified_skus"] = report.skus
         summary["mismatches"] = len(problems)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -25,11 +25,24 @@ class Logged:
     timestamp_ms: int  # the record's Kafka timestamp: on commands, when the broker appended it
 
 
-def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Iterator[Logged]:
-    """Every record in ``topic`` up to the end offsets it has when reading starts."""
+# Records read between two calls of read_topic's on_progress.
+PROGRESS_EVERY = 10_000
+
+
+def read_topic(
+    settings: Settings,
+    topic: str,
+    timeout_s: float = 30.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Iterator[Logged]:
+    """Every record in ``topic`` up to the end offsets it has when reading starts.
+
+    ``on_progress(offsets covered, offsets in all)``, all partitions, every PROGRESS_EVERY
+    records and at the end."""
     consumer = _reader(settings, {"enable.partition.eof": False})
     try:
         ends = end_offsets(settings, topic, timeout_s)
+        total, reached, count = sum(ends.values()), dict.fromkeys(ends, 0), 0
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
         while ends:
             message = consumer.poll(timeout_s)
@@ -41,6 +54,10 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> Itera
             assert partition is not None and offset is not None
             if offset >= ends.get(partition, 0) - 1:
                 ends.pop(partition, None)
+            if on_progress is not None:
+                reached[partition], count = offset + 1, count + 1
+                if count % PROGRESS_EVERY == 0 or not ends:
+                    on_progress(sum(reached.values()), total)
             yield _logged(message, topic, partition, offset)
     finally:
         consumer.close()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import redis
@@ -120,7 +122,15 @@ class Report:
         return undecided + self.table_behind + self.read_model_behind
 
 
-def verify(settings: Settings) -> Report:
+# What verify is doing, for a progress bar: stage, done, of how many (offsets, or orders).
+OnProgress = Callable[[str, int, int], None]
+
+
+def _unshown(stage: str, done: int, total: int) -> None:
+    """No progress shown."""
+
+
+def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
     report = Report()
     probe = LagProbe(settings)
     try:
@@ -129,10 +139,10 @@ def verify(settings: Settings) -> Report:
         # The views first, the log after: each is made from the log, so read in this order none
         # can be ahead of the fold, and one behind it is lag. Read after the log, a live
         # processor's rows for commands decided meanwhile were reported as mismatches.
-        table = _read_table(settings)
+        table = _read_table(settings, on_progress)
         read_models = _read_redis(settings)
-        commands = _accepted_commands(settings, report)
-        folds = _fold_event_log(settings, report, commands)
+        commands = _accepted_commands(settings, report, on_progress)
+        folds = _fold_event_log(settings, report, commands, on_progress)
         # What _fold_event_log did not find decided. The processor commits a command only once
         # its decision is in the log and its state saved, so one before the committed offset read
         # at the start is lost; one after it may not have been reached yet.
@@ -150,7 +160,7 @@ def verify(settings: Settings) -> Report:
                 for line in report.table_behind
             ]
             report.table_behind = []
-        _compare_with_read_models(report, folds, read_models, settings.order_retention_s > 0)
+        _compare_with_read_models(report, folds, read_models, settings.order_retention_s > 0, on_progress)
     finally:
         probe.close()
     return report
@@ -160,17 +170,19 @@ def _processor_lag(probe: LagProbe, settings: Settings) -> GroupLag:
     return next(lag for lag in probe.read() if lag.group == settings.processor_group)
 
 
-def verify_read_models(settings: Settings) -> Report:
+def verify_read_models(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
     """Fold the event log and compare it with the Redis read models alone (a rebuild's check)."""
     report = Report()
     read_models = _read_redis(settings)
-    folds = _fold_event_log(settings, report, {})
+    folds = _fold_event_log(settings, report, {}, on_progress)
     report.skus = len(folds)
-    _compare_with_read_models(report, folds, read_models, settings.order_retention_s > 0)
+    _compare_with_read_models(report, folds, read_models, settings.order_retention_s > 0, on_progress)
     return report
 
 
-def _accepted_commands(settings: Settings, report: Report) -> dict[str, tuple[int, int]]:
+def _accepted_commands(
+    settings: Settings, report: Report, on_progress: OnProgress
+) -> dict[str, tuple[int, int]]:
     """The ids of the commands the processor decides (not parks), each with the partition and
     offset of its first copy."""
     # A repeat of a parked command (the processor crashed before saving) is one dead letter.
@@ -180,7 +192,7 @@ def _accepted_commands(settings: Settings, report: Report) -> dict[str, tuple[in
     }
     report.dead_letters = len(dead)
     accepted: dict[str, tuple[int, int]] = {}
-    for record in read_topic(settings, settings.commands_topic):
+    for record in read_topic(settings, settings.commands_topic, on_progress=partial(on_progress, "commands")):
         # By the processor's own checks: a command it parks is in the DLQ, counted there.
         for command_id in decided_command_ids(record, settings.partitions):
             if command_id is None:
@@ -194,13 +206,13 @@ def _accepted_commands(settings: Settings, report: Report) -> dict[str, tuple[in
 
 
 def _fold_event_log(
-    settings: Settings, report: Report, undecided: dict[str, tuple[int, int]]
+    settings: Settings, report: Report, undecided: dict[str, tuple[int, int]], on_progress: OnProgress
 ) -> dict[str, SkuFold]:
     """Fold the log per SKU; removes every decided command id from ``undecided``."""
     folds: dict[str, SkuFold] = {}
     first_seen: dict[str, tuple[str, int, int]] = {}  # event id -> (type, version, available)
     decision_of: dict[str, str] = {}  # command id -> event id
-    for record in read_topic(settings, settings.events_topic):
+    for record in read_topic(settings, settings.events_topic, on_progress=partial(on_progress, "event log")):
         try:
             events = codec.decode_events(record.value)
         except DecodeError:
@@ -267,10 +279,11 @@ def inconsistency(fold: SkuFold, event: Event) -> str:
     return ""
 
 
-def _read_table(settings: Settings) -> dict[str, dict[str, int]]:
+def _read_table(settings: Settings, on_progress: OnProgress) -> dict[str, dict[str, int]]:
     """The processor's SKU rows, as its table's changelog holds them now."""
     table: dict[str, dict[str, int]] = {}
-    for record in read_topic(settings, changelog_topic(settings, "state")):
+    changelog = changelog_topic(settings, "state")
+    for record in read_topic(settings, changelog, on_progress=partial(on_progress, "processor table")):
         key = json.loads(record.key) if record.key else ""  # Faust writes keys and values as JSON
         if not key.startswith("s:"):
             continue  # order lines and command markers
@@ -313,7 +326,7 @@ def _compare_with_table(report: Report, folds: dict[str, SkuFold], table: dict[s
 
 
 def _compare_with_read_models(
-    report: Report, folds: dict[str, SkuFold], views: RedisViews, expiring: bool
+    report: Report, folds: dict[str, SkuFold], views: RedisViews, expiring: bool, on_progress: OnProgress
 ) -> None:
     for sku, fold in folds.items():
         row = views.rows.get(sku) or {"version": 0}
@@ -337,7 +350,7 @@ def _compare_with_read_models(
             report.read_model_mismatches.append(
                 f"SKU {sku}: top sellers have {top_units} sold, the log {sold}"
             )
-    _compare_order_lines(report, folds, views, expiring)
+    _compare_order_lines(report, folds, views, expiring, partial(on_progress, "order statuses"))
 
 
 # Orders read from Redis per round trip.
@@ -345,7 +358,11 @@ ORDERS_PER_READ = 1000
 
 
 def _compare_order_lines(
-    report: Report, folds: dict[str, SkuFold], views: RedisViews, expiring: bool
+    report: Report,
+    folds: dict[str, SkuFold],
+    views: RedisViews,
+    expiring: bool,
+    on_progress: Callable[[int, int], None],
 ) -> None:
     """Each order line's status documents in Redis against the first of that status in the log.
 
@@ -379,3 +396,4 @@ def _compare_order_lines(
                     report.read_model_mismatches.append(
                         f"order {order_id} line {name}: Redis has {actual.decode()}, the log {document}"
                     )
+        on_progress(start + len(chunk), len(orders))
