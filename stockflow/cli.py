@@ -539,7 +539,11 @@ def _stages(title: str) -> Iterator[Callable[[str, int, int], None]]:
 @app.command("verify")
 def verify_command(
     wait: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait for undecided commands and views that are behind.")
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds to wait for undecided commands and views behind the log; exit 4 if some still are.",
+        ),
     ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
@@ -551,7 +555,9 @@ def verify_command(
     past without a decision is lost, and a table row behind the log once the processor has
     committed every command is a mismatch.
 
-    Exits 1 and prints each difference if anything was lost, decided twice, or disagrees.
+    Exits 1 and prints each difference if anything was lost, decided twice, or disagrees; with
+    --wait, exits 4 if anything is still behind when the wait is over (the workers are down or
+    slower than the load: see `stockflow status`).
 
     Example: `stockflow verify --wait 60`
     """
@@ -576,6 +582,13 @@ def verify_command(
             console.print(f"[red]{line}[/red]")
     if report.problems:
         raise typer.Exit(1)
+    if wait and report.behind:
+        errors.print(
+            f"[yellow]still behind after --wait {wait:g}:[/yellow] undecided commands:"
+            f" {len(report.undecided)}, views behind the log: {len(report.behind) - len(report.undecided)};"
+            " `stockflow status` shows the lag and which workers run"
+        )
+        raise typer.Exit(4)
 
 
 # -- rebuild -------------------------------------------------------------------------------

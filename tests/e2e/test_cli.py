@@ -13,14 +13,16 @@ import redis
 from confluent_kafka import Producer
 
 from producers.commands import restock
+from producers.publisher import Publisher
 from projections.queries import ReadModels
 from projections.rebuild import database_url
 from schemas.codec import codec
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack, settings_env
+from stockflow.topics import ensure_topics
 from tests.conftest import free_port
-from tests.pipeline import read_topic, sku_on_every_partition, wait_for
+from tests.pipeline import own_settings, read_topic, sku_on_every_partition, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -250,3 +252,24 @@ def test_rebuild_folds_the_log_checks_it_and_refuses_to_switch_under_a_running_w
         assert "projection worker(s) in group" in refused.stderr
     finally:
         redis.Redis.from_url(database_url(settings.redis_url, 12)).flushdb()
+
+
+@pytest.mark.usefixtures("stack")
+def test_verify_with_wait_exits_4_while_a_command_is_still_undecided(
+    settings: Settings, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    # Topics and groups of their own, which no processor works on: the command stays undecided.
+    own = own_settings(settings, unique, tmp_path)
+    ensure_topics(own)
+    publisher = Publisher(own)
+    try:
+        publisher.publish(restock(unique("SKU"), 1))
+    finally:
+        publisher.close()
+    at_once = stockflow(own, "verify", "--json")
+    assert at_once.returncode == 0, at_once.stderr  # lag alone is not a failure
+    assert json.loads(at_once.stdout)["undecided"] == 1
+    waited = stockflow(own, "verify", "--wait", "2")
+    assert waited.returncode == 4, waited.stdout + waited.stderr
+    assert "still behind after --wait 2: undecided commands: 1, views behind the log: 0" in waited.stderr
+    assert "stockflow status" in waited.stderr
