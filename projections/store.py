@@ -44,9 +44,8 @@ STOCK_COUNTERS = ("units_sold", *KIND.values())
 # The events newer than the stored version are folded here, then written with one command per
 # field: a Lua call per event, or five commands per event, was most of Redis's time.
 # Returns {events applied, units sold, 1 if a version is missing before these events, the
-# version now stored}. A missing
-# version means Redis lost what it had (a restart, a flush): nothing is written, and the worker
-# replays the partition from the start of the log.
+# version now stored}. A missing version means Redis lost what it had (a restart, a flush):
+# nothing is written, and the worker replays the partition from the start of the log.
 _APPLY_SKU = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local recent_max = tonumber(ARGV[1])
