@@ -64,7 +64,8 @@ class SkuFold:
 class RedisViews:
     client: redis.Redis
     watermarks: dict[int, int]  # events partition -> last offset applied, read before the rest
-    rows: dict[str, dict[str, Any]]  # SKU -> stock row and its top-sellers entry ("top")
+    rows: dict[str, dict[str, Any]]  # SKU -> stock row
+    top: dict[str, tuple[int, int]]  # SKU -> the version its top-sellers score is at, the score
 
 
 @dataclass
@@ -296,8 +297,7 @@ def _read_table(settings: Settings, on_progress: OnProgress) -> dict[str, dict[s
 
 
 def _read_redis(settings: Settings) -> RedisViews:
-    """The partition watermarks, then every SKU's stock row and top-sellers entry: ``top`` is
-    (the SKU's version the score is at, units sold), (0, 0) if it has none."""
+    """The partition watermarks, then every SKU's stock row and top-sellers score."""
     client = redis.Redis.from_url(settings.redis_url)
     models = ReadModels(client)
     watermarks = models.watermarks()
@@ -305,11 +305,8 @@ def _read_redis(settings: Settings) -> RedisViews:
     scores: list[tuple[bytes, float]] = client.zrange(TOP_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
     versions: dict[bytes, bytes] = client.hgetall(TOP_VERSIONS_KEY)  # type: ignore[assignment]
     units = {sku.decode(): int(score) for sku, score in scores}
-    for sku, version in versions.items():
-        row = rows.get(sku.decode())
-        if row is not None:
-            row["top"] = (int(version), units.get(sku.decode(), 0))
-    return RedisViews(client, watermarks, {sku: row for sku, row in rows.items() if row is not None})
+    top = {sku.decode(): (int(version), units.get(sku.decode(), 0)) for sku, version in versions.items()}
+    return RedisViews(client, watermarks, {sku: row for sku, row in rows.items() if row is not None}, top)
 
 
 def _compare_with_table(report: Report, folds: dict[str, SkuFold], table: dict[str, dict[str, int]]) -> None:
@@ -343,7 +340,7 @@ def _compare_with_read_models(
         if actual != expected:
             diff = {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]}
             report.read_model_mismatches.append(f"SKU {sku}: (read model, log) differ in {diff}")
-        top_version, top_units = row.get("top", (0, 0))
+        top_version, top_units = views.top.get(sku, (0, 0))
         if top_version < fold.version:
             report.read_model_behind.append(f"SKU {sku}: top sellers at {top_version}, log at {fold.version}")
         elif top_units != (sold := fold.counters["units_sold"]):

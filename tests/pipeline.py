@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from producers.publisher import Publisher, Receipt
 from schemas.codec import codec
-from schemas.records import Event
+from schemas.records import Command, Event
 from stockflow.lag import BROKER_SETTLING
 from stockflow.logreader import Logged
 from stockflow.logreader import read_topic as _read_topic
@@ -61,6 +62,15 @@ def sku_on_every_partition(settings: Settings, prefix: str) -> list[str]:
         skus.setdefault(partition_for(f"{prefix}-{n}".encode(), settings.partitions), f"{prefix}-{n}")
     assert len(skus) == settings.partitions
     return list(skus.values())
+
+
+def publish_all(settings: Settings, *commands: Command) -> list[Receipt]:
+    """Publish ``commands`` one after another, each acknowledged, from a publisher of its own."""
+    publisher = Publisher(settings)
+    try:
+        return [publisher.publish(command) for command in commands]
+    finally:
+        publisher.close()
 
 
 def commit_offset(settings: Settings, group: str, position: TopicPartition) -> None:

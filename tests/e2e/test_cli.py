@@ -13,7 +13,6 @@ import redis
 from confluent_kafka import Producer
 
 from producers.commands import restock
-from producers.publisher import Publisher
 from projections.queries import ReadModels
 from projections.rebuild import database_url
 from schemas.codec import codec
@@ -22,7 +21,7 @@ from stockflow.settings import Settings
 from stockflow.stack import LocalStack, settings_env
 from stockflow.topics import ensure_topics
 from tests.conftest import free_port
-from tests.pipeline import own_settings, read_topic, sku_on_every_partition, wait_for
+from tests.pipeline import own_settings, publish_all, read_topic, sku_on_every_partition, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -261,11 +260,7 @@ def test_verify_with_wait_exits_4_while_a_command_is_still_undecided(
     # Topics and groups of their own, which no processor works on: the command stays undecided.
     own = own_settings(settings, unique, tmp_path)
     ensure_topics(own)
-    publisher = Publisher(own)
-    try:
-        publisher.publish(restock(unique("SKU"), 1))
-    finally:
-        publisher.close()
+    publish_all(own, restock(unique("SKU"), 1))
     at_once = stockflow(own, "verify", "--json")
     assert at_once.returncode == 0, at_once.stderr  # lag alone is not a failure
     assert json.loads(at_once.stdout)["undecided"] == 1

@@ -28,7 +28,7 @@ from stockflow.settings import Settings
 from stockflow.stack import LocalStack
 from stockflow.topics import PROCESSOR_TABLES, changelog_topic, ensure_topics
 from stockflow.verify import Report, verify
-from tests.pipeline import commit_offset, events_for, own_settings, wait_for
+from tests.pipeline import commit_offset, events_for, own_settings, publish_all, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -78,10 +78,7 @@ def test_verify_takes_a_table_row_behind_the_log_for_a_mismatch_once_every_comma
     # What a processor paused past its session used to leave: an older row of a SKU saved after
     # the newer one. With the processor idle it can only be that, not a save still to come.
     sku = unique("STALE")
-    publisher = Publisher(settings)
-    publisher.publish(restock(sku, 5))
-    publisher.publish(restock(sku, 3))
-    publisher.close()
+    publish_all(settings, restock(sku, 5), restock(sku, 3))
     assert quiet_verify(settings).problems == []
     changelog = changelog_topic(settings, PROCESSOR_TABLES[0])
     partition = partition_for(sku.encode(), settings.partitions)
@@ -108,11 +105,8 @@ def test_verify_finds_read_models_that_differ_from_the_log_beyond_the_stock_coun
 ) -> None:
     # Each tampered as a bug or a stale writer would leave it, then put back.
     sku = unique("TAMPER")
-    publisher = Publisher(settings)
-    publisher.publish(restock(sku, 5))
     order = place_order(sku, 2)
-    publisher.publish(order)
-    publisher.close()
+    publish_all(settings, restock(sku, 5), order)
     assert quiet_verify(settings).problems == []
     client = redis.Redis.from_url(settings.redis_url)
     key, name = order_key(order.order_id), f"{sku}:processed"
@@ -182,12 +176,8 @@ def test_verify_counts_a_command_lost_only_once_the_processor_committed_past_it(
     own = own_settings(settings, unique, tmp_path)
     ensure_topics(own)
     sku = unique("SKU")
-    publisher = Publisher(own)
     commands = [restock(sku, 1) for _ in range(3)]
-    try:
-        receipts = [publisher.publish(command) for command in commands]
-    finally:
-        publisher.close()
+    receipts = publish_all(own, *commands)
     partition = partition_for(sku.encode(), own.partitions)
     assert [receipt.partition for receipt in receipts] == [partition] * 3
     commit_offset(
