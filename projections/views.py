@@ -131,17 +131,30 @@ def line_field(sku: str, event: Event) -> str:
 
 
 def line_status(fields: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """An order's lines from its hash fields: per SKU, the status that takes precedence."""
-    ranked = []
+    """An order's lines from its hash fields: per SKU, the status that takes precedence.
+
+    A line processed or cancelled whose rejection came later (a cancel of a cancelled order,
+    one with a stale ``expected_version``, an order id placed again) shows that refusal under
+    ``refused`` (reason, version, updated_at): without it the client that sent the refused
+    command could not tell from the order that it was refused. A rejection from before the
+    status shown (a place refused, then the same order id placed once there was stock) was
+    about an earlier request and is left out. Only the line's first rejection is kept (HSETNX).
+    """
+    statuses: dict[str, dict[str, dict[str, Any]]] = {}  # sku -> status -> document
     for name, document in fields.items():
         line = json.loads(document)
         sku, _, status = name.rpartition(":")
         if status not in STATUS_PRECEDENCE:
             sku, status = name, line["status"]  # written before each status had its own field
-        ranked.append((STATUS_PRECEDENCE[status], sku, line))
+        statuses.setdefault(sku, {})[status] = line
     lines: dict[str, dict[str, Any]] = {}
-    for _, sku, line in sorted(ranked, key=lambda rank: rank[0]):
-        lines.setdefault(sku, line)
+    for sku, by_status in statuses.items():
+        shown = by_status[min(by_status, key=STATUS_PRECEDENCE.__getitem__)]
+        rejection = by_status.get("rejected")
+        if rejection is not None and rejection is not shown and rejection["version"] > shown["version"]:
+            refused = {key: rejection[key] for key in ("reason", "version", "updated_at")}
+            shown = {**shown, "refused": refused}
+        lines[sku] = shown
     return lines
 
 

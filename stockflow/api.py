@@ -13,7 +13,8 @@
       503  Kafka did not acknowledge the command
   GET /skus/{sku}                  stock of a SKU, 404 until an event about it is projected
   GET /orders/{order_id}           status of each line, 404 until one is projected; with
-                                   ?wait_ms=N waits up to N ms for it (read your own order)
+                                   ?wait_ms=N waits up to N ms for it (read your own order);
+                                   a line's later refused command (a cancel) under "refused"
   GET /top?n=10                    top sellers by units sold
   GET /health                      200 when Redis and Kafka answer, else 503 saying which
 

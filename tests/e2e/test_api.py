@@ -108,6 +108,14 @@ def test_an_order_placed_over_http_is_decided_and_read_back(api: str, unique: Ca
     row = wait_for("the cancel in GET /skus/{sku}", cancelled)
     assert (row["available"], row["units_sold"], row["rejected"], row["replenished"]) == (5, 0, 1, 1)
     assert call(api, "GET", f"/orders/{order_id}")[1]["lines"][sku]["status"] == "cancelled"
+
+    # A second cancel is refused, and the order says so to the client that sent it.
+    assert call(api, "POST", f"/orders/{order_id}/cancel", {"sku": sku})[0] == 202
+    line = wait_for(
+        "the refusal", lambda: call(api, "GET", f"/orders/{order_id}")[1]["lines"][sku].get("refused")
+    )
+    assert line["reason"] == f"order {order_id} is already cancelled"
+    assert call(api, "GET", f"/orders/{order_id}")[1]["lines"][sku]["status"] == "cancelled"
     assert call(api, "GET", f"/skus/{unique('never-seen')}")[0] == 404
     assert call(api, "GET", f"/orders/{unique('never-seen')}?wait_ms=200")[0] == 404
 

@@ -39,7 +39,24 @@ def test_a_refused_cancel_does_not_overwrite_the_cancelled_order() -> None:
     )
     plan = plan_writes([(0, i, e) for i, e in enumerate(events)])
     assert isinstance(events[-1], OrderRejected)
-    assert lines(plan, "o-1")["SKU-1"]["status"] == "cancelled"
+    line = lines(plan, "o-1")["SKU-1"]
+    assert (line["status"], line["version"]) == ("cancelled", 3)
+    # The client that sent the second cancel reads why it was refused on the order itself.
+    assert line["refused"] == {
+        "reason": "order o-1 is already cancelled",
+        "version": 4,
+        "updated_at": events[-1].occurred_at,
+    }
+
+
+def test_a_cancel_with_a_stale_version_shows_as_refused_on_the_processed_line() -> None:
+    place = place_order("SKU-1", 1, order_id="o-1")
+    events = decided("SKU-1", restock("SKU-1", 3), place, cancel_order("SKU-1", "o-1", expected_version=1))
+    line = lines(plan_writes([(0, i, e) for i, e in enumerate(events)]), "o-1")["SKU-1"]
+    assert (line["status"], line["refused"]["reason"]) == (
+        "processed",
+        "version conflict: expected 1, SKU is at 2",
+    )
 
 
 def test_a_repeated_older_decision_does_not_win_over_a_newer_one() -> None:
@@ -66,20 +83,26 @@ def test_an_order_rejected_then_placed_again_shows_processed() -> None:
     ]
     line = lines(plan_writes([(0, i, e) for i, e in enumerate(events)]), "o-1")["SKU-1"]
     assert (line["status"], line["version"]) == ("processed", 3)
+    assert "refused" not in line  # the rejection was of the first place, before this one
 
 
 def test_a_line_shows_the_status_that_takes_precedence_per_sku() -> None:
-    doc = '{{"status":"{0}"}}'.format
+    def doc(status: str, version: int) -> str:
+        return json.dumps({"status": status, "version": version})
+
     fields = {
-        "A:B:rejected": doc("rejected"),
-        "A:B:processed": doc("processed"),
-        "C:rejected": doc("rejected"),
+        "A:B:rejected": doc("rejected", 1),
+        "A:B:processed": doc("processed", 2),
+        "C:rejected": doc("rejected", 1),
     }
-    assert line_status(fields) == {"A:B": {"status": "processed"}, "C": {"status": "rejected"}}
-    fields["A:B:cancelled"] = doc("cancelled")
-    assert line_status(fields)["A:B"] == {"status": "cancelled"}
+    assert line_status(fields) == {
+        "A:B": {"status": "processed", "version": 2},
+        "C": {"status": "rejected", "version": 1},
+    }
+    fields["A:B:cancelled"] = doc("cancelled", 3)
+    assert line_status(fields)["A:B"] == {"status": "cancelled", "version": 3}
     # A line an older projection wrote: one field per SKU, named by the SKU alone.
-    assert line_status({"OLD:1": doc("processed")}) == {"OLD:1": {"status": "processed"}}
+    assert line_status({"OLD:1": doc("processed", 1)}) == {"OLD:1": {"status": "processed", "version": 1}}
 
 
 def test_latency_buckets_keep_two_significant_digits() -> None:
