@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, cast
 import faust
 from aiokafka.errors import KafkaError
 from faust.types import TP, StreamT, TopicT
+from faust.types.auth import CredentialsT
 
 from processors.handler import CommandHandler
 from processors.state import StateTable
@@ -67,6 +69,23 @@ def broker_url(bootstrap_servers: str) -> str:
     return ";".join(f"kafka://{server.strip()}" for server in bootstrap_servers.split(","))
 
 
+def broker_credentials(settings: Settings) -> CredentialsT | None:
+    """How Faust's Kafka clients log in: the STOCKFLOW_KAFKA_* settings every other client
+    takes through ``Settings.kafka_config``, in Faust's terms."""
+    protocol = settings.kafka_security_protocol
+    context = None
+    if protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_file or None)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
+    return None if context is None else faust.SSLCredentials(context)
+
+
 def stalled(waiting: dict[int, int], idle_s: float, limit_s: float) -> bool:
     """True when commands wait on some partition but none has reached the agent for ``limit_s``.
 
@@ -108,6 +127,7 @@ def create_app(settings: Settings, data_dir: Path, web_port: int | None = None) 
     app = faust.App(
         settings.processor_group,
         broker=broker_url(settings.bootstrap_servers),
+        broker_credentials=broker_credentials(settings),
         store="memory://",
         datadir=str(data_dir),
         topic_partitions=settings.partitions,

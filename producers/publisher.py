@@ -58,8 +58,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     requests/s with it and 1,289-1,574 without (messages queued while a request is in flight
     still share the next one); paced load reached the log 5 ms sooner (p50).
     """
-    return {
-        "bootstrap.servers": settings.bootstrap_servers,
+    return settings.kafka_config() | {
         "enable.idempotence": True,
         "acks": "all",
         "partitioner": "murmur2_random",
@@ -197,7 +196,8 @@ class Publisher:
         except KafkaException as exc:
             raise PublishError(
                 f"Kafka at {self._settings.bootstrap_servers} did not answer about {topic} within"
-                f" {timeout_s}s ({exc}): is the broker up (STOCKFLOW_BOOTSTRAP_SERVERS)?"
+                f" {timeout_s}s ({exc}): is the broker up, and does it take this client's login?"
+                f" Check {self._settings.kafka_settings()}"
             ) from exc
         found = metadata.topics.get(topic)
         if found is None or found.error is not None or not found.partitions:

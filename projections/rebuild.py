@@ -117,9 +117,9 @@ def _emptied(settings: Settings, database: int, workers: int) -> Settings:
         redis.Redis.from_url(target.redis_url).flushdb(asynchronous=True)
     except redis.RedisError as exc:
         raise RebuildError(
-            f"cannot empty database {database} of Redis at {target.redis_url} ({exc}): is redis-server"
-            f" running there (STOCKFLOW_REDIS_URL), with at least {database + 1} databases"
-            " (`databases` in redis.conf, 16 by default)?"
+            f"cannot empty database {database} of Redis at {target.redis_url_without_password()}"
+            f" ({exc}): is redis-server running there (STOCKFLOW_REDIS_URL), with at least"
+            f" {database + 1} databases (`databases` in redis.conf, 16 by default)?"
         ) from exc
     return target
 

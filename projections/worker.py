@@ -79,8 +79,8 @@ class ProjectionWorker:
         self._store = ReadModelStore(client, settings.recent_orders_per_sku, settings.order_retention_s)
         self._models = ReadModels(client)
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
+            settings.kafka_config()
+            | {
                 "group.id": settings.projection_group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -92,9 +92,7 @@ class ProjectionWorker:
             }
             | ({"fetch.wait.max.ms": FOLD_FETCH_WAIT_MS} if rebuilding else {})
         )
-        self._dead_letters = Producer(
-            {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True}
-        )
+        self._dead_letters = Producer(settings.kafka_config() | {"enable.idempotence": True})
         self.events_applied = 0
         # What Redis should hold, per assigned partition: the watermark read when the partition
         # was assigned, then the last offset this worker applied.

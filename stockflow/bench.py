@@ -242,8 +242,8 @@ def raw_kafka(settings: Settings, workload: Workload, count: int, say: Say) -> d
     producer.flush(60)
     produced = count / (time.monotonic() - started)
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
+        settings.kafka_config()
+        | {
             "group.id": f"bench-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
         }

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import redis
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -58,12 +59,27 @@ def main() -> None:
     except StockflowError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         sys.exit(1)
+    except ValidationError as exc:  # a STOCKFLOW_* variable Settings refuses
+        errors.print(f"[red]error:[/red] {settings_problems(exc)}")
+        sys.exit(2)
     except (redis.ConnectionError, redis.TimeoutError) as exc:  # any command that reads Redis
         errors.print(
-            f"[red]error:[/red] cannot reach Redis at {Settings().redis_url} ({exc}): start the stack"
-            " (`stockflow stack up`) or set STOCKFLOW_REDIS_URL"
+            f"[red]error:[/red] cannot reach Redis at {Settings().redis_url_without_password()}"
+            f" ({exc}): start the stack (`stockflow stack up`) or set STOCKFLOW_REDIS_URL"
         )
         sys.exit(1)
+
+
+def settings_problems(error: ValidationError) -> str:
+    """What is wrong with the STOCKFLOW_* variables, one line each; not pydantic's report,
+    which quotes every setting's value, a password too."""
+    lines = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["loc"]:
+            message = f"STOCKFLOW_{str(problem['loc'][0]).upper()}: {message}"
+        lines.append(message)
+    return "\n".join(lines)
 
 
 # -- stack ---------------------------------------------------------------------------------

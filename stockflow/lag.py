@@ -74,8 +74,8 @@ class LagProbe:
         # committed offsets, so it neither joins the group nor commits anything.
         self._consumers = {
             group: Consumer(
-                {
-                    "bootstrap.servers": settings.bootstrap_servers,
+                settings.kafka_config()
+                | {
                     "group.id": group,
                     "enable.auto.commit": False,
                     "client.id": f"stockflow-lag-{uuid.uuid4().hex[:6]}",
@@ -110,7 +110,7 @@ class LagProbe:
                     continue
                 raise StackError(
                     f"cannot read consumer lag from Kafka at {self._settings.bootstrap_servers}: {exc};"
-                    " is the stack up (`stockflow stack status`)?"
+                    f" is the stack up (`stockflow stack status`)? Check {self._settings.kafka_settings()}"
                 ) from exc
 
     def _group_lag(

@@ -67,13 +67,13 @@ def _reader(settings: Settings, options: dict[str, bool | str]) -> Consumer:
     """A consumer of assigned partitions in a group of its own that never commits: it leaves no
     trace in the broker."""
     group = f"stockflow-reader-{uuid.uuid4().hex}"
-    config = {"bootstrap.servers": settings.bootstrap_servers, "group.id": group, "enable.auto.commit": False}
+    config = settings.kafka_config() | {"group.id": group, "enable.auto.commit": False}
     return Consumer(config | options)
 
 
 def end_offsets(settings: Settings, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
     """The end offset, now, of each partition of ``topic`` that holds records."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "stockflow-reader"})
+    consumer = Consumer(settings.kafka_config() | {"group.id": "stockflow-reader"})
     try:
         metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
         if metadata is None or metadata.error is not None:
@@ -87,7 +87,7 @@ def end_offsets(settings: Settings, topic: str, timeout_s: float = 30.0) -> dict
     except KafkaException as exc:
         raise StackError(
             f"cannot reach Kafka at {settings.bootstrap_servers} ({exc}): start the stack"
-            " (`stockflow stack up`) or set STOCKFLOW_BOOTSTRAP_SERVERS"
+            f" (`stockflow stack up`), or check {settings.kafka_settings()}"
         ) from exc
     finally:
         consumer.close()

@@ -6,6 +6,8 @@ Built once at an entry point (the CLI) and passed down; nothing below reads ``os
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +19,15 @@ class Settings(BaseSettings):
     # Where clients connect. Empty means "the local stack": 127.0.0.1 on the ports below.
     bootstrap_servers: str = ""
     redis_url: str = ""
+    # How every Kafka client (publishers, workers, the CLI) connects: PLAINTEXT (the local
+    # stack's), SSL, SASL_PLAINTEXT or SASL_SSL. With SASL, the mechanism and the user and
+    # password to log in with; with SSL, the CA certificates (PEM) that signed the brokers'
+    # (empty: the system's). The local stack's broker serves SASL_PLAINTEXT (PLAIN) when asked.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = Field(default="", repr=False)
+    kafka_ssl_ca_file: str = ""
 
     # Topics. Commands and events are co-partitioned: same partition count, key = SKU.
     partitions: int = Field(default=12, ge=1)
@@ -93,6 +104,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_endpoints(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"STOCKFLOW_KAFKA_SECURITY_PROTOCOL is {self.kafka_security_protocol}: set"
+                " STOCKFLOW_KAFKA_SASL_USERNAME and STOCKFLOW_KAFKA_SASL_PASSWORD to log in with"
+            )
         if self.backpressure_high_water and self.backpressure_low_water >= self.backpressure_high_water:
             raise ValueError(
                 f"STOCKFLOW_BACKPRESSURE_LOW_WATER ({self.backpressure_low_water}) must be below"
@@ -104,3 +122,38 @@ class Settings(BaseSettings):
         if not self.redis_url:
             object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
         return self
+
+    def kafka_config(self) -> dict[str, Any]:
+        """Where and how a confluent-kafka client connects: the base of every client's config."""
+        config = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol.startswith("SASL"):
+            config |= {
+                "sasl.mechanism": self.kafka_sasl_mechanism,
+                "sasl.username": self.kafka_sasl_username,
+                "sasl.password": self.kafka_sasl_password,
+            }
+        if self.kafka_ssl_ca_file and self.kafka_security_protocol.endswith("SSL"):
+            config["ssl.ca.location"] = self.kafka_ssl_ca_file
+        return config
+
+    def redis_url_without_password(self) -> str:
+        """``redis_url`` for a message: its password, if it holds one, left out."""
+        url = urlsplit(self.redis_url)
+        if url.password is None:
+            return self.redis_url
+        login = f"{url.username or ''}:***@"
+        return urlunsplit(url._replace(netloc=login + url.netloc.rpartition("@")[2]))
+
+    def kafka_settings(self) -> str:
+        """The settings that decide whether Kafka answers this client, for an error to name:
+        a broker that listens but does not answer may want another protocol or login."""
+        named = (
+            f"STOCKFLOW_BOOTSTRAP_SERVERS ({self.bootstrap_servers}),"
+            f" STOCKFLOW_KAFKA_SECURITY_PROTOCOL ({self.kafka_security_protocol})"
+        )
+        if self.kafka_security_protocol.startswith("SASL"):
+            named += " and STOCKFLOW_KAFKA_SASL_MECHANISM, _SASL_USERNAME, _SASL_PASSWORD"
+        return named

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,11 +47,11 @@ _SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners={protocol}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners={protocol}://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,{protocol}:{protocol}
+inter.broker.listener.name={protocol}
 log.dirs={data}
 num.partitions={partitions}
 # One broker: internal topics cannot have more than one replica.
@@ -69,6 +70,18 @@ auto.create.topics.enable=false
 # records a pass; a longer dirty section is cleaned in more than one pass.
 log.cleaner.dedupe.buffer.size=16777216
 """
+
+# With STOCKFLOW_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT: clients log in with the one user the
+# settings name (PLAIN), which the broker also logs in as to itself.
+_SASL_PROPERTIES = """\
+sasl.enabled.mechanisms=PLAIN
+sasl.mechanism.inter.broker.protocol=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=\
+org.apache.kafka.common.security.plain.PlainLoginModule required \
+username="{user}" password="{password}" user_{user}="{password}";
+"""
+_SASL_USER = re.compile(r"[A-Za-z0-9_.-]+")
+_SASL_PASSWORD = re.compile(r'[^"\\\s]+')
 
 
 @dataclass(frozen=True)
@@ -303,14 +316,7 @@ class LocalStack:
         config = home / "server.properties"
         log4j = home / "log4j2.properties"
         home.mkdir(parents=True, exist_ok=True)
-        config.write_text(
-            _SERVER_PROPERTIES.format(
-                port=self.settings.kafka_port,
-                controller_port=self.settings.kafka_controller_port,
-                data=data,
-                partitions=self.settings.partitions,
-            )
-        )
+        config.write_text(self._server_properties(data))
         log4j.write_text(_LOG4J2.format(log=(self.settings.run_dir / "logs" / "kafka-server.log").resolve()))
         java = [
             "java",
@@ -373,6 +379,35 @@ class LocalStack:
             f"Kafka {self.settings.kafka_version} up on {self.settings.bootstrap_servers}"
             f" (logs: {self.kafka.log_file.parent})"
         )
+
+    def _server_properties(self, data: Path) -> str:
+        """The broker's configuration: PLAINTEXT, or SASL_PLAINTEXT with the settings' user."""
+        settings = self.settings
+        protocol = settings.kafka_security_protocol
+        wanted = protocol + (f" with {settings.kafka_sasl_mechanism}" if protocol.startswith("SASL") else "")
+        if wanted not in ("PLAINTEXT", "SASL_PLAINTEXT with PLAIN"):
+            raise StackError(
+                f"the local stack's broker serves PLAINTEXT, or SASL_PLAINTEXT with PLAIN, not {wanted}:"
+                " change STOCKFLOW_KAFKA_SECURITY_PROTOCOL / STOCKFLOW_KAFKA_SASL_MECHANISM, or point"
+                " STOCKFLOW_BOOTSTRAP_SERVERS at your own cluster"
+            )
+        properties = _SERVER_PROPERTIES.format(
+            protocol=protocol,
+            port=settings.kafka_port,
+            controller_port=settings.kafka_controller_port,
+            data=data,
+            partitions=settings.partitions,
+        )
+        if protocol == "PLAINTEXT":
+            return properties
+        user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
+        if not (_SASL_USER.fullmatch(user) and _SASL_PASSWORD.fullmatch(password)):
+            raise StackError(
+                "the local stack's broker takes a STOCKFLOW_KAFKA_SASL_USERNAME of letters, digits"
+                " and . _ - and a STOCKFLOW_KAFKA_SASL_PASSWORD without quotes, backslashes or"
+                " spaces (they would have to be escaped in its configuration)"
+            )
+        return properties + _SASL_PROPERTIES.format(user=user, password=password)
 
     def _refuse_busy_port(self, port: int, setting: str) -> None:
         if port_open(port):

@@ -80,7 +80,7 @@ def require_broker(settings: Settings, timeout_s: float = 1.0) -> None:
 
 
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    return AdminClient(settings.kafka_config())
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
@@ -93,8 +93,8 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:
         raise StackError(
-            f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}."
-            " Start the stack with `stockflow stack up` or set STOCKFLOW_BOOTSTRAP_SERVERS"
+            f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}. Start the stack with"
+            f" `stockflow stack up`, or check {settings.kafka_settings()}"
         ) from exc
     wanted = topic_configs(settings)
     for name in wanted:

@@ -12,6 +12,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory, docker_mode: bool) -> Ite
     )
 
 
-@pytest.fixture(scope="session")
-def stack(settings: Settings, docker_mode: bool) -> Iterator[LocalStack]:
-    """Kafka, Redis, topics, one processor and one projection worker; all stopped at the end."""
+@contextmanager
+def pipeline_stack(settings: Settings, docker_mode: bool = False) -> Iterator[LocalStack]:
+    """Kafka, Redis, topics, one processor and one projection worker; all stopped on leaving,
+    however the block ends."""
     local = LocalStack(settings, say=lambda _msg: None)
     try:
         if docker_mode:  # containers run Kafka and Redis: only the topics are ours to create
@@ -93,6 +95,12 @@ def stack(settings: Settings, docker_mode: bool) -> Iterator[LocalStack]:
         yield local
     finally:
         local.down()
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings, docker_mode: bool) -> Iterator[LocalStack]:
+    with pipeline_stack(settings, docker_mode) as local:
+        yield local
 
 
 @pytest.fixture
