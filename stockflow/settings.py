@@ -150,10 +150,13 @@ class Settings(BaseSettings):
     def kafka_settings(self) -> str:
         """The settings that decide whether Kafka answers this client, for an error to name:
         a broker that listens but does not answer may want another protocol or login."""
-        named = (
-            f"STOCKFLOW_BOOTSTRAP_SERVERS ({self.bootstrap_servers}),"
-            f" STOCKFLOW_KAFKA_SECURITY_PROTOCOL ({self.kafka_security_protocol})"
-        )
-        if self.kafka_security_protocol.startswith("SASL"):
-            named += " and STOCKFLOW_KAFKA_SASL_MECHANISM, _SASL_USERNAME, _SASL_PASSWORD"
-        return named
+        protocol = self.kafka_security_protocol
+        named = [
+            f"STOCKFLOW_BOOTSTRAP_SERVERS ({self.bootstrap_servers})",
+            f"STOCKFLOW_KAFKA_SECURITY_PROTOCOL ({protocol})",
+        ]
+        if protocol.startswith("SASL"):
+            named.append("STOCKFLOW_KAFKA_SASL_MECHANISM, _SASL_USERNAME, _SASL_PASSWORD")
+        if protocol.endswith("SSL"):
+            named.append(f"STOCKFLOW_KAFKA_SSL_CA_FILE ({self.kafka_ssl_ca_file or 'empty: the system CAs'})")
+        return ", ".join(named[:-1]) + " and " + named[-1]

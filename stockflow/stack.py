@@ -71,15 +71,29 @@ auto.create.topics.enable=false
 log.cleaner.dedupe.buffer.size=16777216
 """
 
-# With STOCKFLOW_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT: clients log in with the one user the
-# settings name (PLAIN), which the broker also logs in as to itself.
+# With a SASL protocol: clients log in with the one user the settings name (PLAIN), which the
+# broker also logs in as to itself.
 _SASL_PROPERTIES = """\
 sasl.enabled.mechanisms=PLAIN
 sasl.mechanism.inter.broker.protocol=PLAIN
-listener.name.sasl_plaintext.plain.sasl.jaas.config=\
+listener.name.{listener}.plain.sasl.jaas.config=\
 org.apache.kafka.common.security.plain.PlainLoginModule required \
 username="{user}" password="{password}" user_{user}="{password}";
 """
+# With SSL or SASL_SSL: the broker's key and certificate, signed by the stack's own CA, and that
+# CA to trust when it connects to itself.
+_TLS_PROPERTIES = """\
+ssl.keystore.type=PKCS12
+ssl.keystore.location={keystore}
+ssl.keystore.password={password}
+ssl.key.password={password}
+ssl.truststore.type=PKCS12
+ssl.truststore.location={truststore}
+ssl.truststore.password={password}
+"""
+# The keystores hold a throwaway CA made for this stack alone, on this machine: their password
+# guards nothing the files' own permissions do not.
+_TLS_STORE_PASSWORD = "stockflow-local"
 _SASL_USER = re.compile(r"[A-Za-z0-9_.-]+")
 _SASL_PASSWORD = re.compile(r'[^"\\\s]+')
 
@@ -380,16 +394,22 @@ class LocalStack:
             f" (logs: {self.kafka.log_file.parent})"
         )
 
+    @property
+    def tls_ca_file(self) -> Path:
+        """The certificate (PEM) of the CA that signs the local broker's, with SSL or SASL_SSL:
+        what STOCKFLOW_KAFKA_SSL_CA_FILE must name for clients to trust it."""
+        return (self.settings.run_dir / "kafka" / "tls" / "ca.pem").resolve()
+
     def _server_properties(self, data: Path) -> str:
-        """The broker's configuration: PLAINTEXT, or SASL_PLAINTEXT with the settings' user."""
+        """The broker's configuration for the settings' protocol: with TLS, its certificate
+        (made on first use); with SASL, the settings' user."""
         settings = self.settings
         protocol = settings.kafka_security_protocol
-        wanted = protocol + (f" with {settings.kafka_sasl_mechanism}" if protocol.startswith("SASL") else "")
-        if wanted not in ("PLAINTEXT", "SASL_PLAINTEXT with PLAIN"):
+        if protocol.startswith("SASL") and settings.kafka_sasl_mechanism != "PLAIN":
             raise StackError(
-                f"the local stack's broker serves PLAINTEXT, or SASL_PLAINTEXT with PLAIN, not {wanted}:"
-                " change STOCKFLOW_KAFKA_SECURITY_PROTOCOL / STOCKFLOW_KAFKA_SASL_MECHANISM, or point"
-                " STOCKFLOW_BOOTSTRAP_SERVERS at your own cluster"
+                f"the local stack's broker takes SASL logins with PLAIN, not {settings.kafka_sasl_mechanism}:"
+                " set STOCKFLOW_KAFKA_SASL_MECHANISM=PLAIN, or point STOCKFLOW_BOOTSTRAP_SERVERS at"
+                " your own cluster"
             )
         properties = _SERVER_PROPERTIES.format(
             protocol=protocol,
@@ -398,16 +418,86 @@ class LocalStack:
             data=data,
             partitions=settings.partitions,
         )
-        if protocol == "PLAINTEXT":
-            return properties
-        user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
-        if not (_SASL_USER.fullmatch(user) and _SASL_PASSWORD.fullmatch(password)):
-            raise StackError(
-                "the local stack's broker takes a STOCKFLOW_KAFKA_SASL_USERNAME of letters, digits"
-                " and . _ - and a STOCKFLOW_KAFKA_SASL_PASSWORD without quotes, backslashes or"
-                " spaces (they would have to be escaped in its configuration)"
+        if protocol.startswith("SASL"):
+            user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
+            if not (_SASL_USER.fullmatch(user) and _SASL_PASSWORD.fullmatch(password)):
+                raise StackError(
+                    "the local stack's broker takes a STOCKFLOW_KAFKA_SASL_USERNAME of letters, digits"
+                    " and . _ - and a STOCKFLOW_KAFKA_SASL_PASSWORD without quotes, backslashes or"
+                    " spaces (they would have to be escaped in its configuration)"
+                )
+            properties += _SASL_PROPERTIES.format(listener=protocol.lower(), user=user, password=password)
+        if protocol.endswith("SSL"):
+            if Path(settings.kafka_ssl_ca_file).resolve() != self.tls_ca_file:
+                raise StackError(
+                    f"with {protocol} the local stack's broker has a certificate of its own CA, which"
+                    f" clients trust through STOCKFLOW_KAFKA_SSL_CA_FILE={self.tls_ca_file}: set it"
+                )
+            keystore, truststore = self._make_tls_stores()
+            properties += _TLS_PROPERTIES.format(
+                keystore=keystore, truststore=truststore, password=_TLS_STORE_PASSWORD
             )
-        return properties + _SASL_PROPERTIES.format(user=user, password=password)
+        return properties
+
+    def _make_tls_stores(self) -> tuple[Path, Path]:
+        """The broker's keystore (its key, and its certificate for 127.0.0.1 signed by a CA made
+        for this stack) and a truststore of that CA, made with the JDK's keytool on first use;
+        the CA's certificate goes to ``tls_ca_file`` for clients."""
+        folder = self.tls_ca_file.parent
+        keystore, truststore = folder / "broker.p12", folder / "truststore.p12"
+        if keystore.exists() and truststore.exists() and self.tls_ca_file.exists():
+            return keystore, truststore
+        folder.mkdir(parents=True, exist_ok=True)
+        ca_store, request, signed = folder / "ca.p12", folder / "broker.csr", folder / "broker.pem"
+        for path in (ca_store, keystore, truststore):
+            path.unlink(missing_ok=True)
+        store = ["-storetype", "PKCS12", "-storepass", _TLS_STORE_PASSWORD]
+        new_key = ["-genkeypair", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650"]
+        steps = [
+            [
+                *new_key,
+                "-alias",
+                "ca",
+                "-dname",
+                "CN=stockflow local CA",
+                "-ext",
+                "bc:c",
+                "-keystore",
+                ca_store,
+            ],
+            ["-exportcert", "-rfc", "-alias", "ca", "-keystore", ca_store, "-file", self.tls_ca_file],
+            [*new_key, "-alias", "broker", "-dname", "CN=127.0.0.1", "-keystore", keystore],
+            ["-certreq", "-alias", "broker", "-keystore", keystore, "-file", request],
+            [
+                "-gencert",
+                "-rfc",
+                "-alias",
+                "ca",
+                "-keystore",
+                ca_store,
+                "-infile",
+                request,
+                "-outfile",
+                signed,
+                "-ext",
+                "SAN=ip:127.0.0.1,dns:localhost",
+                "-validity",
+                "3650",
+            ],
+            ["-importcert", "-noprompt", "-alias", "ca", "-file", self.tls_ca_file, "-keystore", keystore],
+            ["-importcert", "-alias", "broker", "-file", signed, "-keystore", keystore],
+            ["-importcert", "-noprompt", "-alias", "ca", "-file", self.tls_ca_file, "-keystore", truststore],
+        ]
+        for step in steps:
+            result = subprocess.run(
+                ["keytool", *map(str, step), *store], capture_output=True, text=True, check=False
+            )
+            if result.returncode != 0:
+                raise StackError(
+                    f"making the local broker's certificate failed (keytool {step[0]}, from the JDK):"
+                    f"\n{result.stdout}{result.stderr}"
+                )
+        return keystore, truststore
 
     def _refuse_busy_port(self, port: int, setting: str) -> None:
         if port_open(port):

@@ -43,7 +43,9 @@ def test_sasl_over_tls_gives_every_client_the_login_and_the_ca() -> None:
     assert (credentials.username, credentials.password) == ("app", "hunter2")
     assert (credentials.protocol.value, credentials.mechanism.value) == ("SASL_SSL", "SCRAM-SHA-512")
     assert credentials.ssl_context is not None
-    assert "_SASL_PASSWORD" in settings.kafka_settings()
+    assert settings.kafka_settings().endswith(
+        "_SASL_PASSWORD and STOCKFLOW_KAFKA_SSL_CA_FILE (empty: the system CAs)"
+    )
 
 
 def test_tls_alone_trusts_the_ca_file_given(tmp_path: Path) -> None:
@@ -83,7 +85,7 @@ def test_the_local_broker_takes_the_settings_login_when_asked(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("login", "named"),
     [
-        ({"kafka_security_protocol": "SSL"}, "STOCKFLOW_KAFKA_SECURITY_PROTOCOL"),
+        ({"kafka_security_protocol": "SSL"}, "STOCKFLOW_KAFKA_SSL_CA_FILE=.*tls/ca.pem: set it"),
         (
             {"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_sasl_mechanism": "SCRAM-SHA-256", **SASL},
             "MECHANISM",
