@@ -31,7 +31,11 @@ class Settings(BaseSettings):
 
     # Topics. Commands and events are co-partitioned: same partition count, key = SKU.
     partitions: int = Field(default=12, ge=1)
+    # Copies of each topic stockflow creates, and how many of them must hold a write before the
+    # broker acknowledges it to an acks=all producer (every producer here): a write acknowledged
+    # by fewer could be lost with the leader. 0 = 2 with 3 or more replicas, else 1.
     replication_factor: int = Field(default=1, ge=1)
+    min_insync_replicas: int = Field(default=0, ge=0)
     commands_topic: str = "stockflow.commands"
     events_topic: str = "stockflow.events"
     dlq_topic: str = "stockflow.commands.dlq"
@@ -111,6 +115,12 @@ class Settings(BaseSettings):
                 f"STOCKFLOW_KAFKA_SECURITY_PROTOCOL is {self.kafka_security_protocol}: set"
                 " STOCKFLOW_KAFKA_SASL_USERNAME and STOCKFLOW_KAFKA_SASL_PASSWORD to log in with"
             )
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"STOCKFLOW_MIN_INSYNC_REPLICAS ({self.min_insync_replicas}) is more than"
+                f" STOCKFLOW_REPLICATION_FACTOR ({self.replication_factor}): no write could ever be"
+                " acknowledged"
+            )
         if self.backpressure_high_water and self.backpressure_low_water >= self.backpressure_high_water:
             raise ValueError(
                 f"STOCKFLOW_BACKPRESSURE_LOW_WATER ({self.backpressure_low_water}) must be below"
@@ -122,6 +132,10 @@ class Settings(BaseSettings):
         if not self.redis_url:
             object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
         return self
+
+    def insync_replicas(self) -> int:
+        """``min.insync.replicas`` of the topics stockflow creates (see min_insync_replicas)."""
+        return self.min_insync_replicas or (2 if self.replication_factor >= 3 else 1)
 
     def kafka_config(self) -> dict[str, Any]:
         """Where and how a confluent-kafka client connects: the base of every client's config."""

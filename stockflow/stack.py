@@ -449,7 +449,7 @@ class LocalStack:
             return keystore, truststore
         folder.mkdir(parents=True, exist_ok=True)
         ca_store, request, signed = folder / "ca.p12", folder / "broker.csr", folder / "broker.pem"
-        for path in (ca_store, keystore, truststore):
+        for path in (ca_store, keystore, truststore):  # left by a run cut short
             path.unlink(missing_ok=True)
         store = ["-storetype", "PKCS12", "-storepass", _TLS_STORE_PASSWORD]
         new_key = ["-genkeypair", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650"]
@@ -497,6 +497,9 @@ class LocalStack:
                     f"making the local broker's certificate failed (keytool {step[0]}, from the JDK):"
                     f"\n{result.stdout}{result.stderr}"
                 )
+        # The CA's key has signed the one certificate it is for: gone, it can sign no other.
+        for path in (ca_store, request, signed):
+            path.unlink()
         return keystore, truststore
 
     def _refuse_busy_port(self, port: int, setting: str) -> None:

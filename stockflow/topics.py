@@ -53,6 +53,10 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     # with PartitionsMismatch ("... has 0 partitions").
     for table in PROCESSOR_TABLES:
         configs[changelog_topic(settings, table)] = dict(COMPACTED_CHANGELOG)
+    # Every topic, the changelog too: a decision, or a save, acknowledged by fewer replicas could
+    # be lost with its leader.
+    for config in configs.values():
+        config["min.insync.replicas"] = str(settings.insync_replicas())
     return configs
 
 
