@@ -449,7 +449,7 @@ class LocalStack:
             return keystore, truststore
         folder.mkdir(parents=True, exist_ok=True)
         ca_store, request, signed = folder / "ca.p12", folder / "broker.csr", folder / "broker.pem"
-        for path in (ca_store, keystore, truststore):  # left by a run cut short
+        for path in (ca_store, keystore, truststore, request, signed, self.tls_ca_file):  # a run cut short
             path.unlink(missing_ok=True)
         store = ["-storetype", "PKCS12", "-storepass", _TLS_STORE_PASSWORD]
         new_key = ["-genkeypair", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650"]
