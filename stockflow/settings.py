@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     # How every Kafka client (publishers, workers, the CLI) connects: PLAINTEXT (the local
     # stack's), SSL, SASL_PLAINTEXT or SASL_SSL. With SASL, the mechanism and the user and
     # password to log in with; with SSL, the CA certificates (PEM) that signed the brokers'
-    # (empty: the system's). The local stack's broker serves SASL_PLAINTEXT (PLAIN) when asked.
+    # (empty: the system's). The local stack's broker serves each of them (SASL with PLAIN, TLS
+    # with a certificate of a CA of its own: stockflow.stack).
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str = ""
@@ -107,7 +108,7 @@ class Settings(BaseSettings):
     redis_port: int = 6379
 
     @model_validator(mode="after")
-    def _default_endpoints(self) -> Settings:
+    def _check_and_default_endpoints(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and not (
             self.kafka_sasl_username and self.kafka_sasl_password
         ):
