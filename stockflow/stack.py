@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import redis
 from confluent_kafka import KafkaException
@@ -95,7 +96,7 @@ ssl.truststore.password={password}
 # guards nothing the files' own permissions do not.
 _TLS_STORE_PASSWORD = "stockflow-local"
 _SASL_USER = re.compile(r"[A-Za-z0-9_.-]+")
-_SASL_PASSWORD = re.compile(r'[^"\\\s]+')
+_PLAIN_SECRET = re.compile(r'[^"\\\s]+')  # nothing a config file would need escaped
 
 
 @dataclass(frozen=True)
@@ -295,10 +296,22 @@ class LocalStack:
         self._refuse_busy_port(self.settings.redis_port, "STOCKFLOW_REDIS_PORT")
         data = self.settings.run_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
+        # A password in STOCKFLOW_REDIS_URL is one the local Redis asks for. In a config file
+        # only this user reads, not on the command line, where any process list shows it.
+        config = data / "redis.conf"
+        config.touch(mode=0o600)
+        password = unquote(urlsplit(self.settings.redis_url).password or "")
+        if password and not _PLAIN_SECRET.fullmatch(password):
+            raise StackError(
+                "the local Redis takes a password (in STOCKFLOW_REDIS_URL) without quotes,"
+                " backslashes or spaces (they would have to be escaped in its configuration)"
+            )
+        config.write_text(f'requirepass "{password}"\n' if password else "")
         # Nothing on disk: the event log is the truth and the read models are rebuilt from it.
         self.redis.start(
             [
                 server,
+                str(config.resolve()),
                 "--port",
                 str(self.settings.redis_port),
                 "--bind",
@@ -311,7 +324,9 @@ class LocalStack:
                 str(data.resolve()),
             ]
         )
-        client = redis.Redis(port=self.settings.redis_port, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            port=self.settings.redis_port, password=password or None, socket_connect_timeout=0.5
+        )
         self._wait("Redis", self.redis, lambda: bool(client.ping()), timeout_s=20)
         self.say(f"Redis up on 127.0.0.1:{self.settings.redis_port} (log: {self.redis.log_file})")
 
@@ -420,7 +435,7 @@ class LocalStack:
         )
         if protocol.startswith("SASL"):
             user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
-            if not (_SASL_USER.fullmatch(user) and _SASL_PASSWORD.fullmatch(password)):
+            if not (_SASL_USER.fullmatch(user) and _PLAIN_SECRET.fullmatch(password)):
                 raise StackError(
                     "the local stack's broker takes a STOCKFLOW_KAFKA_SASL_USERNAME of letters, digits"
                     " and . _ - and a STOCKFLOW_KAFKA_SASL_PASSWORD without quotes, backslashes or"

@@ -1,8 +1,11 @@
-"""Stacks whose broker takes TLS connections only, with and without SASL logins: every
-client, Faust's included, must connect that way."""
+"""Stacks that want logins: a broker that takes TLS connections only, with and without SASL
+logins, and with SASL a Redis that wants a password. Every client, Faust's included, must
+connect that way."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -13,12 +16,14 @@ from producers.commands import place_order, restock
 from producers.publisher import Publisher, PublishError
 from projections.queries import ReadModels
 from stockflow.settings import Settings
-from stockflow.stack import LocalStack
+from stockflow.stack import LocalStack, settings_env
 from stockflow.verify import Report, verify
 from tests.conftest import REPO, free_port, pipeline_stack
 from tests.pipeline import wait_for
 
 pytestmark = pytest.mark.integration
+
+REDIS_PASSWORD = "redis-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module", params=["SSL", "SASL_SSL"])
@@ -26,16 +31,21 @@ def secured(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, docker_mode: bool
 ) -> Iterator[Settings]:
     """A broker of its own on TLS (a certificate of the stack's own CA), with SASL (PLAIN) or
-    without, Redis, a processor and a projection worker, all connecting with these settings;
-    stopped at the end."""
+    without, Redis (with SASL, wanting a password), a processor and a projection worker, all
+    connecting with these settings; stopped at the end."""
     if docker_mode:
         pytest.skip("needs a broker of its own, which only the local stack starts")
     run_dir = tmp_path_factory.mktemp("tls-stack")
-    login = {"kafka_sasl_username": "stockflow-test", "kafka_sasl_password": uuid.uuid4().hex}
+    redis_port = free_port()
+    login = {
+        "kafka_sasl_username": "stockflow-test",
+        "kafka_sasl_password": uuid.uuid4().hex,
+        "redis_url": f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis_port}/0",
+    }
     fields = {
         "kafka_port": free_port(),
         "kafka_controller_port": free_port(),
-        "redis_port": free_port(),
+        "redis_port": redis_port,
         "run_dir": run_dir,
         "cache_dir": REPO / ".stockflow" / "cache",
         "partitions": 2,
@@ -83,3 +93,19 @@ def test_a_client_connecting_the_wrong_way_is_told_which_settings_to_check(secur
         finally:
             publisher.close()
         assert named in str(error.value)
+
+
+def test_a_reader_with_the_wrong_redis_password_is_told_so_without_the_password(secured: Settings) -> None:
+    # Both stacks run it: with no password wanted, any password is refused too.
+    wrong = secured.model_copy(update={"redis_url": f"redis://:not-it@127.0.0.1:{secured.redis_port}/0"})
+    result = subprocess.run(
+        [sys.executable, "-m", "stockflow", "query", "top"],
+        env=settings_env(wrong) | {"COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"cannot reach Redis at redis://:***@127.0.0.1:{secured.redis_port}/0" in result.stderr
+    assert "not-it" not in result.stderr
