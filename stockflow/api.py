@@ -11,6 +11,8 @@
            broken (qty <= 0, an empty SKU); the reason is in {"error"}, and nothing was sent
       429  the workers are too far behind (backpressure); Retry-After says when to try again
       503  Kafka did not acknowledge the command
+      401  STOCKFLOW_API_TOKEN is set and the request lacks `Authorization: Bearer <it>`
+           (every route but GET /health)
   GET /skus/{sku}                  stock of a SKU, 404 until an event about it is projected
   GET /orders/{order_id}           status of each line, 404 until one is projected; with
                                    ?wait_ms=N waits up to N ms for it (read your own order);
@@ -25,6 +27,7 @@ not a decision. The decision shows in the read models, which is what ``wait_ms``
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
 import threading
@@ -34,6 +37,7 @@ from typing import Any
 
 import redis
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from producers.commands import cancel_order, place_order, restock
 from producers.publisher import PartitionCountMismatch, Publisher, PublishError, Receipt
@@ -231,6 +235,31 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": error}, status=exc.status)
 
 
+def _token_check(token: str) -> Middleware:
+    """A middleware that answers 401 to a request without ``Authorization: Bearer <token>``.
+
+    GET /health stays open: what probes it (compose, a load balancer) holds no token, and it
+    tells only whether Redis and Kafka answer."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/health":
+            return await handler(request)
+        given = request.headers.get("Authorization", "")
+        # In constant time: how long a comparison takes must not tell how much of a guess was right.
+        if hmac.compare_digest(given.encode(), expected):
+            return await handler(request)
+        problem = "no Authorization header" if not given else "the Authorization header holds the wrong token"
+        return web.json_response(
+            {"error": f"{problem}: send `Authorization: Bearer <token>`, the API's STOCKFLOW_API_TOKEN"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="stockflow"'},
+        )
+
+    return check
+
+
 def create_api(settings: Settings) -> web.Application:
     models = ReadModels(redis.Redis.from_url(settings.redis_url))
     gateway = CommandGateway(Publisher(settings))
@@ -313,7 +342,9 @@ def create_api(settings: Settings) -> web.Application:
     async def close_gateway(_app: web.Application) -> None:
         await asyncio.get_running_loop().run_in_executor(None, gateway.close)  # flushes the producer
 
-    api = web.Application(middlewares=[_errors])
+    api = web.Application(
+        middlewares=[_errors, *([_token_check(settings.api_token)] if settings.api_token else [])]
+    )
     api.add_routes(
         [
             web.post("/orders", post_order),

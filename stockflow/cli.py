@@ -202,6 +202,12 @@ def api() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    if not settings.api_token and settings.api_host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning(
+            "serving on %s with no STOCKFLOW_API_TOKEN: whoever reaches port %s can publish commands",
+            settings.api_host,
+            settings.api_port,
+        )
     web.run_app(
         create_api(settings),
         host=settings.api_host,

@@ -90,9 +90,11 @@ class Settings(BaseSettings):
     backpressure_refresh_s: float = Field(default=0.5, gt=0)  # how stale the lag may be
     backpressure_max_wait_s: float = Field(default=30.0, ge=0)
 
-    # Where `stockflow api` serves the HTTP API.
+    # Where `stockflow api` serves the HTTP API, and the token every request but GET /health
+    # must carry (`Authorization: Bearer <token>`); empty = none asked for.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=1, le=65535)
+    api_token: str = Field(default="", repr=False)
 
     # Each worker serves Prometheus metrics here; port 0 takes a free port (see stockflow status).
     metrics_host: str = "127.0.0.1"

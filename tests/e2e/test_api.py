@@ -47,11 +47,16 @@ def api_server(settings: Settings, log: Path, **env: str) -> Iterator[str]:
 
 
 def call(
-    url: str, method: str, path: str, body: Any = None, raw: bytes | None = None
+    url: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, Any]:
     """(status, JSON body, headers); a refused connection is status 0."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url + path, data=data, method=method)
+    request = urllib.request.Request(url + path, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=40) as response:
             return response.status, json.loads(response.read()), response.headers
@@ -209,6 +214,26 @@ def test_publishing_while_the_workers_lag_gets_429_with_retry_after_and_sends_no
     assert int(headers["Retry-After"]) >= 1
     assert "overloaded" in answer["error"] and "STOCKFLOW_BACKPRESSURE_HIGH_WATER" in answer["error"]
     assert len(read_topic(settings, settings.commands_topic)) == before
+
+
+def test_with_a_token_set_every_request_but_health_must_carry_it(
+    settings: Settings, stack: object, tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    order, token = {"sku": unique("SKU"), "qty": 1}, unique("token")
+    with api_server(settings, tmp_path / "api.log", STOCKFLOW_API_TOKEN=token) as url:
+        before = len(read_topic(settings, settings.commands_topic))
+        status, answer, headers = call(url, "POST", "/orders", order)
+        assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="stockflow"')
+        assert answer["error"].startswith("no Authorization header: send `Authorization: Bearer <token>`")
+        wrong = {"Authorization": "Bearer guess"}
+        assert call(url, "POST", "/orders", order, headers=wrong)[0] == 401
+        assert "wrong token" in call(url, "GET", f"/skus/{order['sku']}", headers=wrong)[1]["error"]
+        assert len(read_topic(settings, settings.commands_topic)) == before  # nothing sent
+
+        assert call(url, "GET", "/health")[0] == 200  # probes hold no token
+        right = {"Authorization": f"Bearer {token}"}
+        assert call(url, "POST", "/orders", order, headers=right)[0] == 202
+        assert len(read_topic(settings, settings.commands_topic)) == before + 1
 
 
 @pytest.mark.usefixtures("stack")
