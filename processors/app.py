@@ -72,11 +72,10 @@ def broker_url(bootstrap_servers: str) -> str:
 def broker_credentials(settings: Settings) -> CredentialsT | None:
     """How Faust's Kafka clients log in: the STOCKFLOW_KAFKA_* settings every other client
     takes through ``Settings.kafka_config``, in Faust's terms."""
-    protocol = settings.kafka_security_protocol
     context = None
-    if protocol.endswith("SSL"):
+    if settings.kafka_tls:
         context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_file or None)
-    if protocol.startswith("SASL"):
+    if settings.kafka_sasl:
         return faust.SASLCredentials(
             username=settings.kafka_sasl_username,
             password=settings.kafka_sasl_password,

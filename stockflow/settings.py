@@ -111,9 +111,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_and_default_endpoints(self) -> Settings:
-        if self.kafka_security_protocol.startswith("SASL") and not (
-            self.kafka_sasl_username and self.kafka_sasl_password
-        ):
+        if self.kafka_sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
             raise ValueError(
                 f"STOCKFLOW_KAFKA_SECURITY_PROTOCOL is {self.kafka_security_protocol}: set"
                 " STOCKFLOW_KAFKA_SASL_USERNAME and STOCKFLOW_KAFKA_SASL_PASSWORD to log in with"
@@ -136,6 +134,16 @@ class Settings(BaseSettings):
             object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
         return self
 
+    @property
+    def kafka_sasl(self) -> bool:
+        """Whether Kafka clients log in (SASL_PLAINTEXT, SASL_SSL)."""
+        return self.kafka_security_protocol.startswith("SASL")
+
+    @property
+    def kafka_tls(self) -> bool:
+        """Whether Kafka clients connect over TLS (SSL, SASL_SSL)."""
+        return self.kafka_security_protocol.endswith("SSL")
+
     def insync_replicas(self) -> int:
         """``min.insync.replicas`` of the topics stockflow creates (see min_insync_replicas)."""
         return self.min_insync_replicas or (2 if self.replication_factor >= 3 else 1)
@@ -146,13 +154,13 @@ class Settings(BaseSettings):
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.kafka_security_protocol,
         }
-        if self.kafka_security_protocol.startswith("SASL"):
+        if self.kafka_sasl:
             config |= {
                 "sasl.mechanism": self.kafka_sasl_mechanism,
                 "sasl.username": self.kafka_sasl_username,
                 "sasl.password": self.kafka_sasl_password,
             }
-        if self.kafka_ssl_ca_file and self.kafka_security_protocol.endswith("SSL"):
+        if self.kafka_ssl_ca_file and self.kafka_tls:
             config["ssl.ca.location"] = self.kafka_ssl_ca_file
         return config
 
@@ -172,8 +180,8 @@ class Settings(BaseSettings):
             f"STOCKFLOW_BOOTSTRAP_SERVERS ({self.bootstrap_servers})",
             f"STOCKFLOW_KAFKA_SECURITY_PROTOCOL ({protocol})",
         ]
-        if protocol.startswith("SASL"):
+        if self.kafka_sasl:
             named.append("STOCKFLOW_KAFKA_SASL_MECHANISM, _SASL_USERNAME, _SASL_PASSWORD")
-        if protocol.endswith("SSL"):
+        if self.kafka_tls:
             named.append(f"STOCKFLOW_KAFKA_SSL_CA_FILE ({self.kafka_ssl_ca_file or 'empty: the system CAs'})")
         return ", ".join(named[:-1]) + " and " + named[-1]

@@ -420,12 +420,6 @@ class LocalStack:
         (made on first use); with SASL, the settings' user."""
         settings = self.settings
         protocol = settings.kafka_security_protocol
-        if protocol.startswith("SASL") and settings.kafka_sasl_mechanism != "PLAIN":
-            raise StackError(
-                f"the local stack's broker takes SASL logins with PLAIN, not {settings.kafka_sasl_mechanism}:"
-                " set STOCKFLOW_KAFKA_SASL_MECHANISM=PLAIN, or point STOCKFLOW_BOOTSTRAP_SERVERS at"
-                " your own cluster"
-            )
         properties = _SERVER_PROPERTIES.format(
             protocol=protocol,
             port=settings.kafka_port,
@@ -433,7 +427,13 @@ class LocalStack:
             data=data,
             partitions=settings.partitions,
         )
-        if protocol.startswith("SASL"):
+        if settings.kafka_sasl:
+            if settings.kafka_sasl_mechanism != "PLAIN":
+                raise StackError(
+                    "the local stack's broker takes SASL logins with PLAIN, not"
+                    f" {settings.kafka_sasl_mechanism}: set STOCKFLOW_KAFKA_SASL_MECHANISM=PLAIN, or"
+                    " point STOCKFLOW_BOOTSTRAP_SERVERS at your own cluster"
+                )
             user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
             if not (_SASL_USER.fullmatch(user) and _PLAIN_SECRET.fullmatch(password)):
                 raise StackError(
@@ -442,7 +442,7 @@ class LocalStack:
                     " spaces (they would have to be escaped in its configuration)"
                 )
             properties += _SASL_PROPERTIES.format(listener=protocol.lower(), user=user, password=password)
-        if protocol.endswith("SSL"):
+        if settings.kafka_tls:
             if Path(settings.kafka_ssl_ca_file).resolve() != self.tls_ca_file:
                 raise StackError(
                     f"with {protocol} the local stack's broker has a certificate of its own CA, which"
