@@ -53,8 +53,13 @@ class ReadModels:
 
     def order(self, order_id: str) -> dict[str, dict[str, Any]]:
         """Status of each line (one per SKU) of an order; empty if unknown."""
+        return line_status(self.order_fields(order_id))
+
+    def order_fields(self, order_id: str) -> dict[str, str]:
+        """An order's hash as it is: a JSON document per decision about its lines
+        (``projections.views.line_status`` and ``command_decision`` read them)."""
         raw: dict[bytes, bytes] = self._redis.hgetall(order_key(order_id))  # type: ignore[assignment]
-        return line_status({_text(name): _text(doc) for name, doc in raw.items()})
+        return {_text(name): _text(doc) for name, doc in raw.items()}
 
     def top(self, n: int = 10) -> list[tuple[str, int]]:
         if n < 1:

@@ -2,14 +2,16 @@
 
 A batch of events becomes a ``WritePlan``: per SKU, the events to fold into its stock hash
 (the store applies only versions newer than what it has); per order line, a document per
-status it reached; per partition, the last offset covered (the watermark). The store turns the
+decision about it; per partition, the last offset covered (the watermark). The store turns the
 plan into idempotent Redis writes, so applying a batch twice, or a decision the processor
 repeated after a crash, changes nothing.
 
-An order line's statuses are kept apart, first one wins (``HSETNX``): a line is processed
-once, cancelled once, and a rejection never changes a line that was processed. So every write
-is a plain single-key command, in any order, and a read picks the line's status by precedence
-(``line_status``): cancelled, else processed, else rejected.
+Each decision about an order line is a field of its own, named by the SKU, the status and the
+event's version (``HSETNX``: the same event writes the same field). So every write is a plain
+single-key command, in any order, and a read picks what the line shows by version
+(``line_status``): the newest decision that placed or cancelled it, and a refusal newer than
+that. Each document names the command it decided, so a client finds the decision about the
+command it sent (``command_decision``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from schemas.records import (
@@ -41,9 +44,10 @@ ORDER_STATUS: dict[type[Event], str] = {
     OrderRejected: "rejected",
     OrderCancelled: "cancelled",
 }
-# Which of a line's statuses it shows: a cancel follows the processing it undoes, and a
-# rejection (a duplicate order id, a cancel refused) leaves a processed line as it was.
-STATUS_PRECEDENCE = {"cancelled": 0, "processed": 1, "rejected": 2}
+# The statuses that place or cancel a line; a rejection ("rejected") leaves it as it was.
+DECIDES_LINE = ("processed", "cancelled")
+# What ``refused`` shows of a refusal (no command_id in the documents of older projections).
+REFUSAL_KEYS = ("reason", "version", "updated_at", "command_id")
 
 
 @dataclass
@@ -101,7 +105,7 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]], expiring: bool =
             sku_events.version = event.version
             sku_events.available_after, sku_events.occurred_at = event.available_after, event.occurred_at
         if order_id:
-            # The first document of a status wins, in the batch as in Redis (HSETNX).
+            # One field per event: a repeated decision writes the same field (HSETNX).
             plan.order_lines.setdefault((order_id, line_field(event.sku, event)), order_document(event))
             if expiring:
                 plan.order_decided_at[order_id] = max(
@@ -113,49 +117,80 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]], expiring: bool =
 
 
 def order_document(event: Event) -> str:
-    """An order line's status as compact JSON: status, qty, reason, version, updated_at.
+    """A decision about an order line as compact JSON: status, qty, reason, version,
+    updated_at, command_id.
 
     Formatted directly: json.dumps of a dict per event was a quarter of a replay's time.
     """
-    reason = getattr(event, "reason", "")
     return (
         f'{{"status":"{ORDER_STATUS[type(event)]}","qty":{event.qty},'
-        f'"reason":{json.dumps(reason) if reason else chr(34) * 2},'
-        f'"version":{event.version},"updated_at":{event.occurred_at}}}'
+        f'"reason":{encode_basestring_ascii(getattr(event, "reason", ""))},'
+        f'"version":{event.version},"updated_at":{event.occurred_at},'
+        f'"command_id":{encode_basestring_ascii(event.command_id)}}}'
     )
 
 
 def line_field(sku: str, event: Event) -> str:
-    """The order hash field holding ``event``'s status of the line on ``sku``."""
-    return f"{sku}:{ORDER_STATUS[type(event)]}"
+    """The order hash field holding ``event``'s decision about the line on ``sku``."""
+    return f"{sku}:{ORDER_STATUS[type(event)]}:{event.version}"
+
+
+def order_decisions(fields: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """An order's hash fields as the decisions about each of its lines: SKU -> documents.
+
+    Also reads the fields of older projections: ``<SKU>:<status>`` (a line's first document of
+    each status) and, before that, ``<SKU>`` alone (its one status). Their documents have no
+    ``command_id``.
+    """
+    decisions: dict[str, list[dict[str, Any]]] = {}
+    for name, document in fields.items():
+        decision = json.loads(document)
+        status = decision["status"]
+        sku = name
+        for suffix in (f":{status}:{decision['version']}", f":{status}"):
+            if name.endswith(suffix):
+                sku = name[: -len(suffix)]
+                break
+        decisions.setdefault(sku, []).append(decision)
+    return decisions
 
 
 def line_status(fields: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """An order's lines from its hash fields: per SKU, the status that takes precedence.
+    """An order's lines from its hash fields: per SKU, what the line shows.
 
-    A line processed or cancelled whose rejection came later (a cancel of a cancelled order,
-    one with a stale ``expected_version``, an order id placed again) shows that refusal under
-    ``refused`` (reason, version, updated_at): without it the client that sent the refused
-    command could not tell from the order that it was refused. A rejection from before the
-    status shown (a place refused, then the same order id placed once there was stock) was
-    about an earlier request and is left out. Only the line's first rejection is kept (HSETNX).
+    The newest decision that placed or cancelled the line (an order id placed again once the
+    cancel window had passed shows the new order); with none, the newest refusal. A refusal
+    newer than what is shown (a cancel of a cancelled order, one with a stale
+    ``expected_version``, an order id placed again within the window) is shown under
+    ``refused`` (the newest): without it the client that sent the refused command could not tell
+    from the order that it was refused. One older than what is shown (a place refused, then
+    the same order id placed once there was stock) was about an earlier request and is left out.
     """
-    statuses: dict[str, dict[str, dict[str, Any]]] = {}  # sku -> status -> document
-    for name, document in fields.items():
-        line = json.loads(document)
-        sku, _, status = name.rpartition(":")
-        if status not in STATUS_PRECEDENCE:
-            sku, status = name, line["status"]  # written before each status had its own field
-        statuses.setdefault(sku, {})[status] = line
     lines: dict[str, dict[str, Any]] = {}
-    for sku, by_status in statuses.items():
-        shown = by_status[min(by_status, key=STATUS_PRECEDENCE.__getitem__)]
-        rejection = by_status.get("rejected")
-        if rejection is not None and rejection is not shown and rejection["version"] > shown["version"]:
-            refused = {key: rejection[key] for key in ("reason", "version", "updated_at")}
+    for sku, decisions in order_decisions(fields).items():
+        placing = [d for d in decisions if d["status"] in DECIDES_LINE]
+        shown = max(placing or decisions, key=_version)
+        refusal = max((d for d in decisions if d["status"] == "rejected"), key=_version, default=None)
+        if refusal is not None and refusal["version"] > shown["version"]:
+            refused = {key: refusal[key] for key in REFUSAL_KEYS if key in refusal}
             shown = {**shown, "refused": refused}
         lines[sku] = shown
     return lines
+
+
+def command_decision(fields: dict[str, str], command_id: str) -> dict[str, Any] | None:
+    """The decision about command ``command_id`` among an order's hash fields, with its SKU;
+    None if it is not there (not decided or not projected yet, or not a command about this order).
+    """
+    for sku, decisions in order_decisions(fields).items():
+        for decision in decisions:
+            if decision.get("command_id") == command_id:
+                return {"sku": sku, **decision}
+    return None
+
+
+def _version(decision: dict[str, Any]) -> int:
+    return int(decision["version"])
 
 
 def latency_bucket(ms: int) -> int:

@@ -16,12 +16,15 @@
   GET /skus/{sku}                  stock of a SKU, 404 until an event about it is projected
   GET /orders/{order_id}           status of each line, 404 until one is projected; with
                                    ?wait_ms=N waits up to N ms for it (read your own order);
-                                   a line's later refused command (a cancel) under "refused"
+                                   a line's later refused command (a cancel) under "refused";
+                                   with ?command_id=C also C's decision under "decision" (null
+                                   until visible), which ?wait_ms then waits for
   GET /top?n=10                    top sellers by units sold
   GET /health                      200 when Redis and Kafka answer, else 503 saying which
 
 A command is accepted once Kafka holds it and decided by the processor shortly after: a 202 is
-not a decision. The decision shows in the read models, which is what ``wait_ms`` waits for.
+not a decision. The decision shows in the read models, which is what ``wait_ms`` waits for:
+``command_id`` names the command (a cancel, an order id placed again) whose decision to wait for.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from aiohttp.typedefs import Middleware
 from producers.commands import cancel_order, place_order, restock
 from producers.publisher import PartitionCountMismatch, Publisher, PublishError, Receipt
 from projections.queries import ReadModels, order_not_found
+from projections.views import command_decision, line_status
 from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
 from stockflow.errors import InvalidCommand, StockflowError
 from stockflow.lag import Overloaded
@@ -183,9 +187,31 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
+def _command_id_param(request: web.Request) -> str | None:
+    command_id = request.query.get("command_id")
+    if command_id is not None and not command_id.strip():
+        raise BadRequest("?command_id is empty: give the command_id a POST answered with")
+    return command_id
+
+
 async def read(query: Callable[..., Any], *args: Any) -> Any:
     """``query(*args)`` in a thread: redis-py and the Kafka clients block."""
     return await asyncio.get_running_loop().run_in_executor(None, query, *args)
+
+
+async def _read_order(
+    models: ReadModels, order_id: str, command_id: str | None, wait_ms: int
+) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """The order's hash fields and the decision about ``command_id`` in them, once there is one
+    (or, without a command id, once the order has a decision), or when ``wait_ms`` is over."""
+    deadline = asyncio.get_running_loop().time() + wait_ms / 1000
+    while True:
+        fields = await read(models.order_fields, order_id)
+        decision = command_decision(fields, command_id) if command_id is not None else None
+        seen = decision is not None if command_id is not None else bool(fields)
+        if seen or asyncio.get_running_loop().time() >= deadline:
+            return fields, decision
+        await asyncio.sleep(WAIT_POLL_S)
 
 
 async def _unavailable(checks: dict[str, Callable[[], Any]]) -> dict[str, str]:
@@ -315,16 +341,20 @@ def create_api(settings: Settings) -> web.Application:
         return web.json_response(row)
 
     async def get_order(request: web.Request) -> web.Response:
+        """The order's lines; with ?command_id, also that command's decision (null until it is
+        visible). ?wait_ms waits for it, or without a command_id for the order's first decision."""
         order_id = request.match_info["order_id"]
         wait_ms = _int_param(request, "wait_ms", 0, 0, MAX_WAIT_MS)
-        deadline = asyncio.get_running_loop().time() + wait_ms / 1000
-        while not (lines := await read(models.order, order_id)):
-            if asyncio.get_running_loop().time() >= deadline:
-                return web.json_response(
-                    {"error": order_not_found(order_id, settings.order_retention_s)}, status=404
-                )
-            await asyncio.sleep(WAIT_POLL_S)
-        return web.json_response({"order_id": order_id, "lines": lines})
+        command_id = _command_id_param(request)
+        fields, decision = await _read_order(models, order_id, command_id, wait_ms)
+        if not fields:
+            return web.json_response(
+                {"error": order_not_found(order_id, settings.order_retention_s)}, status=404
+            )
+        body: dict[str, Any] = {"order_id": order_id, "lines": line_status(fields)}
+        if command_id is not None:
+            body["decision"] = decision
+        return web.json_response(body)
 
     async def get_top(request: web.Request) -> web.Response:
         n = _int_param(request, "n", 10, 1, 1000)

@@ -42,8 +42,7 @@ class SkuFold:
     orders: dict[str, tuple[int, bool]] = field(default_factory=dict)  # order id -> (qty, cancelled)
     partition: int = -1  # of the events topic
     recent: deque[str] = field(default_factory=deque)  # processed order ids, newest last
-    # order id -> {order hash field: offset and document of the first event of that status}:
-    # the one the projection keeps (HSETNX)
+    # order id -> {order hash field: offset and document of the event that names it}
     documents: dict[str, dict[str, tuple[int, bytes]]] = field(default_factory=dict)
 
     def add(self, event: Event, offset: int) -> None:
@@ -361,10 +360,11 @@ def _compare_order_lines(
     expiring: bool,
     on_progress: Callable[[int, int], None],
 ) -> None:
-    """Each order line's status documents in Redis against the first of that status in the log.
+    """Each decision's document on its order in Redis against the event in the log.
 
-    Read after the log, unlike the rest (the log names the orders): the projection keeps a
-    line's first document of a status for good (HSETNX), so one written since is the same. A
+    Read after the log, unlike the rest (the log names the orders): the projection writes a
+    decision's document once, under a field its event alone names (HSETNX), so one written since
+    is the same. A
     document missing at an offset its partition's watermark (read before the log) covers is a
     mismatch, one after it lag. ``expiring`` (an order retention): a missing one may have
     expired, and is not reported.

@@ -72,6 +72,14 @@ def read_order(api: str, order_id: str, wait_ms: int) -> dict[str, Any] | None:
     return order["lines"] if status == 200 else None
 
 
+def read_decision(api: str, order_id: str, command_id: str) -> dict[str, Any]:
+    """The order once the decision about ``command_id`` is visible on it."""
+    status, order, _ = call(api, "GET", f"/orders/{order_id}?command_id={command_id}&wait_ms=30000")
+    assert status == 200 and order["decision"] is not None, (status, order)
+    assert order["decision"]["command_id"] == command_id
+    return dict(order)
+
+
 @pytest.fixture(scope="module")
 def api(settings: Settings, stack: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with api_server(settings, tmp_path_factory.mktemp("api") / "api.log") as url:
@@ -103,24 +111,32 @@ def test_an_order_placed_over_http_is_decided_and_read_back(api: str, unique: Ca
     assert refused[sku]["status"] == "rejected"
     assert "insufficient stock: 4 requested, 2 available" in refused[sku]["reason"]
 
-    status, _, _ = call(api, "POST", f"/orders/{order_id}/cancel", {"sku": sku})
+    # ?command_id waits for that command's decision: here a cancel, on an order decided already.
+    status, cancel, _ = call(api, "POST", f"/orders/{order_id}/cancel", {"sku": sku})
     assert status == 202
-
-    def cancelled() -> dict[str, Any] | None:
-        _, row, _ = call(api, "GET", f"/skus/{sku}")
-        return row if row.get("cancelled") == 1 else None
-
-    row = wait_for("the cancel in GET /skus/{sku}", cancelled)
+    order = read_decision(api, order_id, cancel["command_id"])
+    assert (order["decision"]["status"], order["lines"][sku]["status"]) == ("cancelled", "cancelled")
+    row = call(api, "GET", f"/skus/{sku}")[1]
     assert (row["available"], row["units_sold"], row["rejected"], row["replenished"]) == (5, 0, 1, 1)
-    assert call(api, "GET", f"/orders/{order_id}")[1]["lines"][sku]["status"] == "cancelled"
 
-    # A second cancel is refused, and the order says so to the client that sent it.
-    assert call(api, "POST", f"/orders/{order_id}/cancel", {"sku": sku})[0] == 202
-    line = wait_for(
-        "the refusal", lambda: call(api, "GET", f"/orders/{order_id}")[1]["lines"][sku].get("refused")
+    # Cancels of a cancelled order are refused; each client finds its own refusal, the newest
+    # shows on the line, and the line stays cancelled.
+    for _ in range(2):
+        status, again, _ = call(api, "POST", f"/orders/{order_id}/cancel", {"sku": sku})
+        assert status == 202
+        order = read_decision(api, order_id, again["command_id"])
+        assert order["decision"]["status"] == "rejected"
+        assert order["decision"]["reason"] == f"order {order_id} is already cancelled"
+        line = order["lines"][sku]
+        assert (line["status"], line["refused"]["command_id"]) == ("cancelled", again["command_id"])
+    # A command with no decision on this order: the order, and no decision, once the wait is over.
+    status, order, _ = call(api, "GET", f"/orders/{order_id}?command_id={unique('c')}&wait_ms=100")
+    assert (status, order["decision"], order["lines"][sku]["status"]) == (200, None, "cancelled")
+    status, answer, _ = call(api, "GET", f"/orders/{order_id}?command_id=")
+    assert (status, answer["error"]) == (
+        400,
+        "?command_id is empty: give the command_id a POST answered with",
     )
-    assert line["reason"] == f"order {order_id} is already cancelled"
-    assert call(api, "GET", f"/orders/{order_id}")[1]["lines"][sku]["status"] == "cancelled"
     assert call(api, "GET", f"/skus/{unique('never-seen')}")[0] == 404
     assert call(api, "GET", f"/orders/{unique('never-seen')}?wait_ms=200")[0] == 404
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 README = Path(__file__).parents[2] / "README.md"
 # The walk-through's names, made the test's own: other tests share the stack.
-NAMES = ("SKU-1", "o-1001", "r-7")
+NAMES = ("SKU-1", "o-1001", "r-7", "c-2002")
 
 
 def fenced_block(heading: str) -> list[str]:

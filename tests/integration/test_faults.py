@@ -109,7 +109,7 @@ def test_verify_finds_read_models_that_differ_from_the_log_beyond_the_stock_coun
     publish_all(settings, restock(sku, 5), order)
     assert quiet_verify(settings).problems == []
     client = redis.Redis.from_url(settings.redis_url)
-    key, name = order_key(order.order_id), f"{sku}:processed"
+    key, name = order_key(order.order_id), f"{sku}:processed:2"  # the SKU's second event
     document: bytes | None = client.hget(key, name)  # type: ignore[assignment]
     assert document is not None and json.loads(document)["qty"] == 2
 

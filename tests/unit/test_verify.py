@@ -67,9 +67,10 @@ def test_a_history_no_decisions_could_give_is_named(tamper: object, problem: str
     assert any(problem in line for line in found), found
 
 
-def test_the_fold_keeps_each_order_line_s_first_document_of_each_status() -> None:
-    # What the projection keeps (HSETNX): the first document of each status of a line. Here
-    # o-1 placed again (rejected: it exists) and its processing logged again after a crash.
+def test_the_fold_keeps_each_decisions_document_under_its_own_field() -> None:
+    # What the projection writes (HSETNX): a document per decision about a line, under a field
+    # its event names. Here o-1 placed again (rejected: it exists), cancelled twice, and its
+    # processing logged again after a crash (the same field: nothing new).
     commands: list[Command] = [
         restock("SKU-1", 10),
         place_order("SKU-1", 3, order_id="o-1"),
@@ -87,7 +88,7 @@ def test_the_fold_keeps_each_order_line_s_first_document_of_each_status() -> Non
         order: {name: offset for name, (offset, _) in line.items()} for order, line in fold.documents.items()
     }
     assert offsets == {
-        "o-1": {"SKU-1:processed": 1, "SKU-1:cancelled": 3, "SKU-1:rejected": 4},
-        "o-big": {"SKU-1:rejected": 2},
+        "o-1": {"SKU-1:processed:2": 1, "SKU-1:cancelled:4": 3, "SKU-1:rejected:5": 4, "SKU-1:rejected:6": 5},
+        "o-big": {"SKU-1:rejected:3": 2},
     }
-    assert fold.documents["o-1"]["SKU-1:rejected"][1] == order_document(events[4]).encode()
+    assert fold.documents["o-1"]["SKU-1:rejected:5"][1] == order_document(events[4]).encode()

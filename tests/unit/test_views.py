@@ -10,13 +10,14 @@ from projections.queries import order_not_found
 from projections.views import (
     ORDER_STATUS,
     WritePlan,
+    command_decision,
     latency_bucket,
     line_status,
     order_document,
     percentile,
     plan_writes,
 )
-from schemas.records import Event, OrderRejected
+from schemas.records import Event, OrderProcessed, OrderRejected
 from tests.history import decided
 
 
@@ -46,6 +47,7 @@ def test_a_refused_cancel_does_not_overwrite_the_cancelled_order() -> None:
         "reason": "order o-1 is already cancelled",
         "version": 4,
         "updated_at": events[-1].occurred_at,
+        "command_id": events[-1].command_id,
     }
 
 
@@ -73,35 +75,68 @@ def test_an_order_rejected_then_placed_again_shows_processed() -> None:
         place_order("SKU-1", 2, order_id="o-1"),  # no stock yet: rejected
         restock("SKU-1", 5),
         place_order("SKU-1", 2, order_id="o-1"),
-        place_order("SKU-1", 2, order_id="o-1"),  # a duplicate order id: rejected, changes nothing
     )
-    assert [type(e).__name__ for e in events] == [
-        "OrderRejected",
-        "StockReplenished",
-        "OrderProcessed",
-        "OrderRejected",
-    ]
+    assert [type(e).__name__ for e in events] == ["OrderRejected", "StockReplenished", "OrderProcessed"]
     line = lines(plan_writes([(0, i, e) for i, e in enumerate(events)]), "o-1")["SKU-1"]
     assert (line["status"], line["version"]) == ("processed", 3)
     assert "refused" not in line  # the rejection was of the first place, before this one
 
 
-def test_a_line_shows_the_status_that_takes_precedence_per_sku() -> None:
+def test_every_refusal_is_kept_and_the_newest_shows() -> None:
+    events = decided(
+        "SKU-1",
+        restock("SKU-1", 5),
+        place_order("SKU-1", 2, order_id="o-1"),
+        place_order("SKU-1", 2, order_id="o-1"),  # a duplicate order id: refused
+        cancel_order("SKU-1", "o-1", expected_version=1),  # a stale version: refused
+    )
+    assert [type(e).__name__ for e in events[2:]] == ["OrderRejected", "OrderRejected"]
+    plan = plan_writes([(0, i, e) for i, e in enumerate(events)])
+    line = lines(plan, "o-1")["SKU-1"]
+    assert (line["status"], line["refused"]["version"]) == ("processed", 4)
+    assert line["refused"]["reason"] == "version conflict: expected 1, SKU is at 3"
+    fields = {name: doc for (_, name), doc in plan.order_lines.items()}
+    assert sorted(fields) == ["SKU-1:processed:2", "SKU-1:rejected:3", "SKU-1:rejected:4"]
+    # Each refused command finds its own decision on the order.
+    for event in events[1:]:
+        decision = command_decision(fields, event.command_id)
+        assert decision is not None
+        assert (decision["sku"], decision["version"]) == ("SKU-1", event.version)
+    assert command_decision(fields, events[0].command_id) is None  # the restock: not about o-1
+
+
+def test_an_order_id_placed_again_after_its_cancel_shows_the_new_order() -> None:
+    # The processor forgets a line once the cancel window has passed: the same id is a new order.
+    events = decided(
+        "SKU-1", restock("SKU-1", 5), place_order("SKU-1", 2, order_id="o-1"), cancel_order("SKU-1", "o-1")
+    )
+    again = OrderProcessed(
+        **{**vars(events[1]), "event_id": "e-again", "command_id": "c-again", "version": 9}
+    )
+    line = lines(plan_writes([(0, i, e) for i, e in enumerate([*events, again])]), "o-1")["SKU-1"]
+    assert (line["status"], line["version"], line["command_id"]) == ("processed", 9, "c-again")
+
+
+def test_a_line_shows_its_newest_decision_per_sku() -> None:
     def doc(status: str, version: int) -> str:
         return json.dumps({"status": status, "version": version})
 
     fields = {
-        "A:B:rejected": doc("rejected", 1),
-        "A:B:processed": doc("processed", 2),
-        "C:rejected": doc("rejected", 1),
+        "A:B:rejected:1": doc("rejected", 1),
+        "A:B:processed:2": doc("processed", 2),
+        "C:rejected:1": doc("rejected", 1),
+        "C:rejected:4": doc("rejected", 4),
     }
     assert line_status(fields) == {
         "A:B": {"status": "processed", "version": 2},
-        "C": {"status": "rejected", "version": 1},
+        "C": {"status": "rejected", "version": 4},
     }
-    fields["A:B:cancelled"] = doc("cancelled", 3)
+    fields["A:B:cancelled:3"] = doc("cancelled", 3)
     assert line_status(fields)["A:B"] == {"status": "cancelled", "version": 3}
-    # A line an older projection wrote: one field per SKU, named by the SKU alone.
+    # Lines older projections wrote: a field per status ("<SKU>:<status>", first one kept), and
+    # before that one field per SKU, named by the SKU alone.
+    older = {"A:B:processed": doc("processed", 2), "A:B:cancelled": doc("cancelled", 3)}
+    assert line_status(older) == {"A:B": {"status": "cancelled", "version": 3}}
     assert line_status({"OLD:1": doc("processed", 1)}) == {"OLD:1": {"status": "processed", "version": 1}}
 
 
@@ -128,7 +163,9 @@ def test_percentiles_of_a_histogram() -> None:
 
 
 def test_an_order_document_is_the_json_of_its_status() -> None:
-    awkward = OrderRejected("e", "c", "c", 1, 1, "SKU-1", 3, "o-1", 2, 0, 'a "quoted" \\ reason, ünïcode')
+    awkward = OrderRejected(
+        "e", 'c "1" \\', "c", 1, 1, "SKU-1", 3, "o-1", 2, 0, 'a "quoted" \\ reason, ünïcode'
+    )
     events: list[Event] = [*decided("SKU-1", place_order("SKU-1", 1), restock("SKU-1", 1)), awkward]
     events.append(decided("SKU-1", restock("SKU-1", 5), place_order("SKU-1", 2))[1])
     for event in events:
@@ -140,6 +177,7 @@ def test_an_order_document_is_the_json_of_its_status() -> None:
             "reason": getattr(event, "reason", ""),
             "version": event.version,
             "updated_at": event.occurred_at,
+            "command_id": event.command_id,
         }
         assert json.loads(order_document(event)) == expected
 
