@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -239,12 +240,50 @@ def _kafka_settings() -> Settings:
     return settings
 
 
-def _publish(command: Any) -> None:
+def _publish(command: Any, wait_s: float = 0.0) -> None:
     receipt = _publisher(_kafka_settings()).publish(command)
     console.print(
         f"{type(command).__name__} {receipt.command_id}"
         f" -> partition {receipt.partition}, offset {receipt.offset}"
     )
+    if wait_s:
+        _show_decision(command.order_id, receipt.command_id, wait_s)
+
+
+def _show_decision(order_id: str, command_id: str, wait_s: float) -> None:
+    """Print the decision about ``command_id`` once the read models show it on ``order_id``;
+    exit 4 if they do not within ``wait_s``."""
+    from projections.views import command_decision
+
+    models = _models()
+    deadline = time.monotonic() + wait_s
+    while (decision := command_decision(models.order_fields(order_id), command_id)) is None:
+        if time.monotonic() >= deadline:
+            errors.print(
+                f"[yellow]no decision about {command_id} is visible on order {order_id} after --wait"
+                f" {wait_s:g}:[/yellow] it is in the log; are the processor and a projection worker"
+                " running and keeping up (`stockflow status`)? `stockflow query order` shows it later"
+            )
+            raise typer.Exit(4)
+        time.sleep(DECISION_POLL_S)
+    status = decision["status"]
+    reason = f": {decision['reason']}" if decision["reason"] else ""
+    colour = "yellow" if status == "rejected" else "green"
+    console.print(
+        f"[{colour}]{status}[/{colour}]{reason} (SKU {decision['sku']} at version {decision['version']})"
+    )
+
+
+# How often `publish --wait` looks at the read models again.
+DECISION_POLL_S = 0.05
+Wait = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        help="Seconds to wait for the decision to show in the read models, then print it (exit 4"
+        " if it does not); 0 = do not wait.",
+    ),
+]
 
 
 ExpectedVersion = Annotated[
@@ -265,27 +304,32 @@ def publish_order(
     order_id: Annotated[str | None, typer.Option(help="Order id; a new UUID if left out.")] = None,
     expected_version: ExpectedVersion = None,
     command_id: CommandId = None,
+    wait: Wait = 0.0,
 ) -> None:
     """Place an order for QTY units of SKU.
 
-    Example: `stockflow publish order SKU-1 2 --order-id o-1001`
+    Example: `stockflow publish order SKU-1 2 --order-id o-1001 --wait 30`
     """
     from producers.commands import place_order
 
-    _publish(place_order(sku, qty, order_id, expected_version, command_id=command_id))
+    _publish(place_order(sku, qty, order_id, expected_version, command_id=command_id), wait)
 
 
 @publish_app.command("cancel")
 def publish_cancel(
-    sku: str, order_id: str, expected_version: ExpectedVersion = None, command_id: CommandId = None
+    sku: str,
+    order_id: str,
+    expected_version: ExpectedVersion = None,
+    command_id: CommandId = None,
+    wait: Wait = 0.0,
 ) -> None:
     """Cancel a processed order, releasing its units.
 
-    Example: `stockflow publish cancel SKU-1 o-1001`
+    Example: `stockflow publish cancel SKU-1 o-1001 --wait 30`
     """
     from producers.commands import cancel_order
 
-    _publish(cancel_order(sku, order_id, expected_version, command_id=command_id))
+    _publish(cancel_order(sku, order_id, expected_version, command_id=command_id), wait)
 
 
 @publish_app.command("restock")
@@ -496,8 +540,6 @@ def status(
 
     Example: `stockflow status --once --json`
     """
-    import time
-
     from rich.live import Live
 
     from stockflow.lag import GroupLag, LagProbe
@@ -583,8 +625,6 @@ def verify_command(
 
     Example: `stockflow verify --wait 60`
     """
-    import time
-
     from stockflow.verify import verify
 
     settings = _kafka_settings()

@@ -167,6 +167,14 @@ def test_publish_then_query_by_hand(settings: Settings, unique: Callable[[str], 
     assert missing.returncode == 1
     assert "no events for SKU" in missing.stderr
 
+    # --wait prints the decision about the command sent, once the read models show it.
+    cancelled = stockflow(settings, "publish", "cancel", sku, order_id, "--wait", "60")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"cancelled (SKU {sku} at version 3)" in cancelled.stdout
+    refused = stockflow(settings, "publish", "cancel", sku, order_id, "--wait", "60")
+    assert refused.returncode == 0, refused.stderr
+    assert f"rejected: order {order_id} is already cancelled (SKU {sku} at version 4)" in refused.stdout
+
 
 def test_stack_status_names_each_process(settings: Settings, stack: LocalStack) -> None:
     result = stockflow(settings, "stack", "status")
@@ -254,7 +262,7 @@ def test_rebuild_folds_the_log_checks_it_and_refuses_to_switch_under_a_running_w
 
 
 @pytest.mark.usefixtures("stack")
-def test_verify_with_wait_exits_4_while_a_command_is_still_undecided(
+def test_verify_and_publish_with_wait_exit_4_while_a_command_is_still_undecided(
     settings: Settings, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     # Topics and groups of their own, which no processor works on: the command stays undecided.
@@ -268,3 +276,7 @@ def test_verify_with_wait_exits_4_while_a_command_is_still_undecided(
     assert waited.returncode == 4, waited.stdout + waited.stderr
     assert "still behind after --wait 2: undecided commands: 1, views behind the log: 0" in waited.stderr
     assert "stockflow status" in waited.stderr
+    ordered = stockflow(own, "publish", "order", unique("SKU"), "1", "--wait", "1")
+    assert ordered.returncode == 4, ordered.stdout + ordered.stderr
+    assert "PlaceOrder" in ordered.stdout  # sent, and said so
+    assert "no decision about" in ordered.stderr and "stockflow status" in ordered.stderr

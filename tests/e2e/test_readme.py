@@ -86,6 +86,14 @@ def test_the_walk_through_runs_as_written_and_shows_what_it_says(
                 )
                 for field, value in ("available", 12), ("processed", 1), ("rejected", 1), ("replenished", 2):
                     assert shows(result.stdout, field, value), result.stdout
+            elif "--wait" in args and args[0] == "publish":
+                # The decision, printed: the processor may still be starting (the session's first
+                # test), so it waits longer than the README's reader would need to.
+                args[args.index("--wait") + 1] = "120"
+                result = stockflow(settings, *args)
+                assert result.returncode == 0, result.stderr
+                expected = "rejected: insufficient stock: 50 requested" if "50" in args else "processed"
+                assert expected in result.stdout, result.stdout
             elif args[:2] == ["query", "order"]:
                 result = stockflow(settings, *args)
                 assert result.returncode == 0, result.stderr
