@@ -261,20 +261,23 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": error}, status=exc.status)
 
 
-def _token_check(token: str) -> Middleware:
-    """A middleware that answers 401 to a request without ``Authorization: Bearer <token>``.
+def _token_check(tokens: list[str]) -> Middleware:
+    """A middleware that answers 401 to a request without ``Authorization: Bearer <token>``,
+    one of ``tokens`` (several while clients move from one to the next).
 
     GET /health stays open: what probes it (compose, a load balancer) holds no token, and it
     tells only whether Redis and Kafka answer."""
-    expected = f"Bearer {token}".encode()
+    expected = [f"Bearer {token}".encode() for token in tokens]
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/health":
             return await handler(request)
         given = request.headers.get("Authorization", "")
-        # In constant time: how long a comparison takes must not tell how much of a guess was right.
-        if hmac.compare_digest(given.encode(), expected):
+        # In constant time, against every token: how long the check takes must not tell how much
+        # of a guess was right, nor which token it came close to.
+        matches = [hmac.compare_digest(given.encode(), token) for token in expected]
+        if any(matches):
             return await handler(request)
         problem = "no Authorization header" if not given else "the Authorization header holds the wrong token"
         return web.json_response(
@@ -373,7 +376,7 @@ def create_api(settings: Settings) -> web.Application:
         await asyncio.get_running_loop().run_in_executor(None, gateway.close)  # flushes the producer
 
     api = web.Application(
-        middlewares=[_errors, *([_token_check(settings.api_token)] if settings.api_token else [])]
+        middlewares=[_errors, *([_token_check(settings.api_tokens)] if settings.api_tokens else [])]
     )
     api.add_routes(
         [

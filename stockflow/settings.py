@@ -91,7 +91,8 @@ class Settings(BaseSettings):
     backpressure_max_wait_s: float = Field(default=30.0, ge=0)
 
     # Where `stockflow api` serves the HTTP API, and the token every request but GET /health
-    # must carry (`Authorization: Bearer <token>`); empty = none asked for.
+    # must carry (`Authorization: Bearer <token>`); empty = none asked for. Several, separated
+    # by commas, are each accepted: a new token is added, clients move to it, the old one goes.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=1, le=65535)
     api_token: str = Field(default="", repr=False)
@@ -122,6 +123,14 @@ class Settings(BaseSettings):
                 f" STOCKFLOW_REPLICATION_FACTOR ({self.replication_factor}): no write could ever be"
                 " acknowledged"
             )
+        if self.api_token and not all(
+            token and token.isprintable() and " " not in token for token in self.api_tokens
+        ):
+            raise ValueError(
+                "STOCKFLOW_API_TOKEN holds an empty token, or one with a space or an unprintable"
+                " character (several are separated by commas): a client could not send it as"
+                " `Authorization: Bearer <token>`"
+            )
         if self.backpressure_high_water and self.backpressure_low_water >= self.backpressure_high_water:
             raise ValueError(
                 f"STOCKFLOW_BACKPRESSURE_LOW_WATER ({self.backpressure_low_water}) must be below"
@@ -143,6 +152,11 @@ class Settings(BaseSettings):
     def kafka_tls(self) -> bool:
         """Whether Kafka clients connect over TLS (SSL, SASL_SSL)."""
         return self.kafka_security_protocol.endswith("SSL")
+
+    @property
+    def api_tokens(self) -> list[str]:
+        """The tokens the HTTP API accepts, any of them (none: it asks for none)."""
+        return [token.strip() for token in self.api_token.split(",")] if self.api_token else []
 
     def insync_replicas(self) -> int:
         """``min.insync.replicas`` of the topics stockflow creates (see min_insync_replicas)."""

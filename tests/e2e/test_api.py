@@ -235,8 +235,9 @@ def test_publishing_while_the_workers_lag_gets_429_with_retry_after_and_sends_no
 def test_with_a_token_set_every_request_but_health_must_carry_it(
     settings: Settings, stack: object, tmp_path: Path, unique: Callable[[str], str]
 ) -> None:
-    order, token = {"sku": unique("SKU"), "qty": 1}, unique("token")
-    with api_server(settings, tmp_path / "api.log", STOCKFLOW_API_TOKEN=token) as url:
+    order, token, old = {"sku": unique("SKU"), "qty": 1}, unique("token"), unique("old")
+    # Two tokens, as while clients move from the old one to the new: either gets through.
+    with api_server(settings, tmp_path / "api.log", STOCKFLOW_API_TOKEN=f"{token},{old}") as url:
         before = len(read_topic(settings, settings.commands_topic))
         status, answer, headers = call(url, "POST", "/orders", order)
         assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="stockflow"')
@@ -247,9 +248,12 @@ def test_with_a_token_set_every_request_but_health_must_carry_it(
         assert len(read_topic(settings, settings.commands_topic)) == before  # nothing sent
 
         assert call(url, "GET", "/health")[0] == 200  # probes hold no token
-        right = {"Authorization": f"Bearer {token}"}
-        assert call(url, "POST", "/orders", order, headers=right)[0] == 202
-        assert len(read_topic(settings, settings.commands_topic)) == before + 1
+        for accepted in (token, old):
+            right = {"Authorization": f"Bearer {accepted}"}
+            assert call(url, "POST", "/orders", order, headers=right)[0] == 202
+        assert len(read_topic(settings, settings.commands_topic)) == before + 2
+        both = {"Authorization": f"Bearer {token},{old}"}  # the setting's text is no token
+        assert call(url, "GET", f"/skus/{order['sku']}", headers=both)[0] == 401
 
 
 @pytest.mark.usefixtures("stack")

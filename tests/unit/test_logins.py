@@ -105,3 +105,14 @@ def test_a_redis_password_is_left_out_of_messages() -> None:
     assert shown == "rediss://app:***@cache.example:6380/2"
     assert Settings(redis_url="redis://:s3cret@h/0").redis_url_without_password() == "redis://:***@h/0"
     assert Settings(redis_url="redis://h:6379/0").redis_url_without_password() == "redis://h:6379/0"
+
+
+def test_the_api_takes_several_tokens_separated_by_commas_and_refuses_one_it_could_not_be_sent() -> None:
+    assert Settings().api_tokens == []
+    assert Settings(api_token="new-one, old-one").api_tokens == ["new-one", "old-one"]
+    for bad in ("new-one,,old-one", "a token", "tab\there"):
+        with pytest.raises(ValidationError) as refused:
+            Settings(api_token=bad)
+        message = settings_problems(refused.value)
+        assert message.startswith("STOCKFLOW_API_TOKEN holds an empty token, or one with a space")
+        assert bad not in message  # a token is a secret: not quoted back
