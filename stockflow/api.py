@@ -7,6 +7,8 @@
       ... = optional "expected_version", "correlation_id", and "command_id": a retry that sends
       the same command_id is decided once
       202  the command is in the commands log (acks=all): {"command_id", "partition", "offset", ...}
+      200  with ?wait_ms=N (an order or a cancel): the same, and its decision under "decision",
+           once visible within N ms (else 202, "decision": null)
       400  not JSON, a field missing, unknown or of the wrong type, or a rule of the contract
            broken (qty <= 0, an empty SKU); the reason is in {"error"}, and nothing was sent
       429  the workers are too far behind (backpressure); Retry-After says when to try again
@@ -62,6 +64,8 @@ MAX_ORDERS_PER_REQUEST = 5000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_TYPES = {int: "a whole number", str: "a string"}
+# The fields every command's body may add to its own.
+OPTIONAL_FIELDS: dict[str, type] = {"expected_version": int, "correlation_id": str, "command_id": str}
 
 
 class BadRequest(StockflowError):
@@ -187,6 +191,55 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
+def _orders(items: list[Any], many: bool) -> list[PlaceOrder]:
+    """The orders of a POST /orders body, each checked against the contract."""
+    if many and not 1 <= len(items) <= MAX_ORDERS_PER_REQUEST:
+        raise BadRequest(f"send 1 to {MAX_ORDERS_PER_REQUEST:,} orders in one request, not {len(items):,}")
+    orders = []
+    for index, item in enumerate(items):
+        where = f"order {index}" if many else "the body"
+        order = place_order(
+            **_body(item, {"sku": str, "qty": int}, {"order_id": str, **OPTIONAL_FIELDS}, where)
+        )
+        try:
+            validate_command(order)
+        except InvalidCommand as exc:
+            raise BadRequest(f"{where}: {exc}") from None
+        orders.append(order)
+    return orders
+
+
+def _receipt_rows(commands: Sequence[Command], receipts: Sequence[Receipt]) -> list[dict[str, Any]]:
+    """What a 202 says of each command: where the log holds it."""
+    return [
+        {
+            "command_id": receipt.command_id,
+            "type": type(command).__name__,
+            "partition": receipt.partition,
+            "offset": receipt.offset,
+            **({"order_id": command.order_id} if isinstance(command, (PlaceOrder, CancelOrder)) else {}),
+        }
+        for command, receipt in zip(commands, receipts, strict=True)
+    ]
+
+
+def _decision_wait_ms(request: web.Request, commands: Sequence[Command], many: bool) -> int:
+    """A POST's ?wait_ms: how long to wait for the decision before answering; checked before
+    anything is sent."""
+    wait_ms = _int_param(request, "wait_ms", 0, 0, MAX_WAIT_MS)
+    if wait_ms and many:
+        raise BadRequest(
+            "?wait_ms waits for one order's decision: for an array, read each with"
+            " GET /orders/{order_id}?command_id=<its command_id>&wait_ms=N"
+        )
+    if wait_ms and not isinstance(commands[0], (PlaceOrder, CancelOrder)):
+        raise BadRequest(
+            "?wait_ms waits for a decision on an order (a place or a cancel); a restock's shows on"
+            " its SKU: GET /skus/{sku}"
+        )
+    return wait_ms
+
+
 def _command_id_param(request: web.Request) -> str | None:
     command_id = request.query.get("command_id")
     if command_id is not None and not command_id.strip():
@@ -292,49 +345,29 @@ def _token_check(tokens: list[str]) -> Middleware:
 def create_api(settings: Settings) -> web.Application:
     models = ReadModels(redis.Redis.from_url(settings.redis_url))
     gateway = CommandGateway(Publisher(settings))
-    optional = {"expected_version": int, "correlation_id": str, "command_id": str}
 
-    async def accepted(commands: Sequence[Command], many: bool = False) -> web.Response:
-        receipts = await gateway.publish(commands)
-        rows = [
-            {
-                "command_id": receipt.command_id,
-                "type": type(command).__name__,
-                "partition": receipt.partition,
-                "offset": receipt.offset,
-                **({"order_id": command.order_id} if isinstance(command, (PlaceOrder, CancelOrder)) else {}),
-            }
-            for command, receipt in zip(commands, receipts, strict=True)
-        ]
-        return web.json_response({"commands": rows} if many else rows[0], status=202)
+    async def accepted(request: web.Request, commands: Sequence[Command], many: bool = False) -> web.Response:
+        """202 with the receipts; with ?wait_ms, 200 with the decision once it is visible."""
+        wait_ms = _decision_wait_ms(request, commands, many)
+        rows = _receipt_rows(commands, await gateway.publish(commands))
+        if not wait_ms:
+            return web.json_response({"commands": rows} if many else rows[0], status=202)
+        _, decision = await _read_order(models, rows[0]["order_id"], rows[0]["command_id"], wait_ms)
+        return web.json_response({**rows[0], "decision": decision}, status=202 if decision is None else 200)
 
     async def post_order(request: web.Request) -> web.Response:
         """One order (a JSON object), or many (an array of them) sent as batch frames."""
         payload = await _json(request)
         many = isinstance(payload, list)
-        items = payload if many else [payload]
-        if many and not 1 <= len(items) <= MAX_ORDERS_PER_REQUEST:
-            raise BadRequest(
-                f"send 1 to {MAX_ORDERS_PER_REQUEST:,} orders in one request, not {len(items):,}"
-            )
-        orders = []
-        for index, item in enumerate(items):
-            where = f"order {index}" if many else "the body"
-            order = place_order(**_body(item, {"sku": str, "qty": int}, {"order_id": str, **optional}, where))
-            try:
-                validate_command(order)
-            except InvalidCommand as exc:
-                raise BadRequest(f"{where}: {exc}") from None
-            orders.append(order)
-        return await accepted(orders, many)
+        return await accepted(request, _orders(payload if many else [payload], many), many)
 
     async def post_cancel(request: web.Request) -> web.Response:
-        body = _body(await _json(request), {"sku": str}, optional)
-        return await accepted([cancel_order(order_id=request.match_info["order_id"], **body)])
+        body = _body(await _json(request), {"sku": str}, OPTIONAL_FIELDS)
+        return await accepted(request, [cancel_order(order_id=request.match_info["order_id"], **body)])
 
     async def post_restock(request: web.Request) -> web.Response:
-        body = _body(await _json(request), {"qty": int}, optional)
-        return await accepted([restock(request.match_info["sku"], **body)])
+        body = _body(await _json(request), {"qty": int}, OPTIONAL_FIELDS)
+        return await accepted(request, [restock(request.match_info["sku"], **body)])
 
     async def get_stock(request: web.Request) -> web.Response:
         sku = request.match_info["sku"]

@@ -110,6 +110,11 @@ def test_an_order_placed_over_http_is_decided_and_read_back(api: str, unique: Ca
     assert refused is not None
     assert refused[sku]["status"] == "rejected"
     assert "insufficient stock: 4 requested, 2 available" in refused[sku]["reason"]
+    # ?wait_ms on the POST answers with the decision itself, 200 once it is visible.
+    status, answered, _ = call(api, "POST", "/orders?wait_ms=30000", {"sku": sku, "qty": 5})
+    assert (status, answered["type"], answered["decision"]["status"]) == (200, "PlaceOrder", "rejected")
+    assert answered["decision"]["reason"] == "insufficient stock: 5 requested, 2 available"
+    assert (answered["decision"]["command_id"], answered["decision"]["sku"]) == (answered["command_id"], sku)
 
     # ?command_id waits for that command's decision: here a cancel, on an order decided already.
     status, cancel, _ = call(api, "POST", f"/orders/{order_id}/cancel", {"sku": sku})
@@ -117,7 +122,7 @@ def test_an_order_placed_over_http_is_decided_and_read_back(api: str, unique: Ca
     order = read_decision(api, order_id, cancel["command_id"])
     assert (order["decision"]["status"], order["lines"][sku]["status"]) == ("cancelled", "cancelled")
     row = call(api, "GET", f"/skus/{sku}")[1]
-    assert (row["available"], row["units_sold"], row["rejected"], row["replenished"]) == (5, 0, 1, 1)
+    assert (row["available"], row["units_sold"], row["rejected"], row["replenished"]) == (5, 0, 2, 1)
 
     # Cancels of a cancelled order are refused; each client finds its own refusal, the newest
     # shows on the line, and the line stays cancelled.
@@ -177,6 +182,9 @@ def test_many_orders_in_one_request_are_each_decided(api: str, unique: Callable[
         ("/orders", [], "send 1 to 5,000 orders in one request, not 0"),
         ("/orders", [{"sku": "SKU-1", "qty": 1}, {"sku": "SKU-1", "qty": 0}], "order 1: invalid PlaceOrder"),
         ("/orders", [{"sku": "SKU-1", "qty": 1}, "SKU-2"], "order 1 must be a JSON object, not str"),
+        ("/orders?wait_ms=100", [{"sku": "SKU-1", "qty": 1}], "?wait_ms waits for one order's decision"),
+        ("/orders?wait_ms=-1", {"sku": "SKU-1", "qty": 1}, "?wait_ms=-1 is out of range: 0 to 30000"),
+        ("/skus/SKU-1/restock?wait_ms=100", {"qty": 1}, "a restock's shows on its SKU: GET /skus/{sku}"),
     ],
 )
 def test_a_bad_request_gets_400_saying_what_is_wrong_and_sends_nothing(
