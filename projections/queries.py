@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
@@ -17,7 +18,10 @@ from projections.store import (
     recent_key,
     stock_key,
 )
-from projections.views import line_status
+from projections.views import command_decision, line_status
+
+# How often a wait for a decision looks at Redis again.
+POLL_S = 0.02
 
 
 def _text(value: bytes | str) -> str:
@@ -54,6 +58,18 @@ class ReadModels:
     def order(self, order_id: str) -> dict[str, dict[str, Any]]:
         """Status of each line (one per SKU) of an order; empty if unknown."""
         return line_status(self.order_fields(order_id))
+
+    def decision(self, order_id: str, command_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """The decision about command ``command_id`` on order ``order_id``: its SKU, status,
+        reason, version, updated_at. Waits up to ``wait_s`` for the read models to show it;
+        None if they do not by then (not decided or not projected yet, or not about this order).
+        """
+        deadline = time.monotonic() + wait_s
+        while (found := command_decision(self.order_fields(order_id), command_id)) is None:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(POLL_S)
+        return found
 
     def order_fields(self, order_id: str) -> dict[str, str]:
         """An order's hash as it is: a JSON document per decision about its lines

@@ -46,7 +46,7 @@ from aiohttp.typedefs import Middleware
 
 from producers.commands import cancel_order, place_order, restock
 from producers.publisher import PartitionCountMismatch, Publisher, PublishError, Receipt
-from projections.queries import ReadModels, order_not_found
+from projections.queries import POLL_S, ReadModels, order_not_found
 from projections.views import command_decision, line_status
 from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
 from stockflow.errors import InvalidCommand, StockflowError
@@ -55,8 +55,6 @@ from stockflow.settings import Settings
 
 # The longest a GET /orders/{id}?wait_ms=N may hold a request.
 MAX_WAIT_MS = 30_000
-# How often a waiting GET looks at Redis again.
-WAIT_POLL_S = 0.02
 # How long a POST waits for Kafka's acknowledgement before answering 503.
 ACK_TIMEOUT_S = 30.0
 # The most orders one POST /orders may carry (about 100 bytes of JSON each).
@@ -264,7 +262,7 @@ async def _read_order(
         seen = decision is not None if command_id is not None else bool(fields)
         if seen or asyncio.get_running_loop().time() >= deadline:
             return fields, decision
-        await asyncio.sleep(WAIT_POLL_S)
+        await asyncio.sleep(POLL_S)  # as ReadModels.decision, without holding a thread
 
 
 async def _unavailable(checks: dict[str, Callable[[], Any]]) -> dict[str, str]:

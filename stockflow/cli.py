@@ -253,19 +253,14 @@ def _publish(command: Any, wait_s: float = 0.0) -> None:
 def _show_decision(order_id: str, command_id: str, wait_s: float) -> None:
     """Print the decision about ``command_id`` once the read models show it on ``order_id``;
     exit 4 if they do not within ``wait_s``."""
-    from projections.views import command_decision
-
-    models = _models()
-    deadline = time.monotonic() + wait_s
-    while (decision := command_decision(models.order_fields(order_id), command_id)) is None:
-        if time.monotonic() >= deadline:
-            errors.print(
-                f"[yellow]no decision about {command_id} is visible on order {order_id} after --wait"
-                f" {wait_s:g}:[/yellow] it is in the log; are the processor and a projection worker"
-                " running and keeping up (`stockflow status`)? `stockflow query order` shows it later"
-            )
-            raise typer.Exit(4)
-        time.sleep(DECISION_POLL_S)
+    decision = _models().decision(order_id, command_id, wait_s)
+    if decision is None:
+        errors.print(
+            f"[yellow]no decision about {command_id} is visible on order {order_id} after --wait"
+            f" {wait_s:g}:[/yellow] it is in the log; are the processor and a projection worker"
+            " running and keeping up (`stockflow status`)? `stockflow query order` shows it later"
+        )
+        raise typer.Exit(4)
     status = decision["status"]
     reason = f": {decision['reason']}" if decision["reason"] else ""
     colour = "yellow" if status == "rejected" else "green"
@@ -274,8 +269,6 @@ def _show_decision(order_id: str, command_id: str, wait_s: float) -> None:
     )
 
 
-# How often `publish --wait` looks at the read models again.
-DECISION_POLL_S = 0.05
 Wait = Annotated[
     float,
     typer.Option(

@@ -1,4 +1,4 @@
-"""The README's examples ("By hand", "HTTP API"), run line by line as written, against the
+"""The README's examples ("By hand", "HTTP API", "From Python"), run as written, against the
 session's stack: the first things a newcomer copies must work and show what their comments
 say."""
 
@@ -8,6 +8,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import redis
 
 from projections.rebuild import database_url
 from stockflow.settings import Settings
+from stockflow.stack import settings_env
 from tests.e2e.test_api import api_server, call
 from tests.e2e.test_cli import stockflow
 from tests.pipeline import wait_for
@@ -28,10 +30,10 @@ README = Path(__file__).parents[2] / "README.md"
 NAMES = ("SKU-1", "o-1001", "r-7", "c-2002")
 
 
-def fenced_block(heading: str) -> list[str]:
-    """The lines of the first ```bash block under the README's ``## <heading>``."""
+def fenced_block(heading: str, language: str = "bash") -> list[str]:
+    """The lines of the first ```<language> block under the README's ``## <heading>``."""
     section = README.read_text().split(f"\n## {heading}\n", 1)[1]
-    return section.split("```bash\n", 1)[1].split("\n```", 1)[0].splitlines()
+    return section.split(f"```{language}\n", 1)[1].split("\n```", 1)[0].splitlines()
 
 
 def renamed(text: str, names: dict[str, str]) -> str:
@@ -155,3 +157,27 @@ def test_the_http_examples_answer_as_written(
                 # The answer's string values, but for the "…" of a value that varies.
                 for key, value in re.findall(r'"([\w-]+)": "([^"…]+)"', shown):
                     assert (key, value) in set(string_fields(reply)), (path, key, value, reply)
+
+
+@pytest.mark.usefixtures("stack")
+def test_the_python_example_runs_as_written_and_prints_what_its_comments_say(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    code = fenced_block("From Python", "python")
+    # What each print shows, as the comment after it says.
+    expected = [line.rsplit("# ", 1)[1] for line in code if line.lstrip().startswith("print(")]
+    assert expected == ["processed", "cancelled", "0"]
+    # The processor may still be starting (the session's first test): longer waits than a reader needs.
+    script = renamed("\n".join(code), {name: unique(name) for name in NAMES}).replace(
+        "wait_s=30", "wait_s=120"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == expected, result.stderr
