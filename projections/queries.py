@@ -74,8 +74,14 @@ class ReadModels:
     def order_fields(self, order_id: str) -> dict[str, str]:
         """An order's hash as it is: a JSON document per decision about its lines
         (``projections.views.line_status`` and ``command_decision`` read them)."""
-        raw: dict[bytes, bytes] = self._redis.hgetall(order_key(order_id))  # type: ignore[assignment]
-        return {_text(name): _text(doc) for name, doc in raw.items()}
+        return self.orders_fields([order_id])[0]
+
+    def orders_fields(self, order_ids: list[str]) -> list[dict[str, str]]:
+        """``order_fields`` of each order, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for order_id in order_ids:
+            pipe.hgetall(order_key(order_id))
+        return [{_text(name): _text(doc) for name, doc in raw.items()} for raw in pipe.execute()]
 
     def top(self, n: int = 10) -> list[tuple[str, int]]:
         if n < 1:

@@ -250,19 +250,75 @@ async def read(query: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, query, *args)
 
 
-async def _read_order(
-    models: ReadModels, order_id: str, command_id: str | None, wait_ms: int
-) -> tuple[dict[str, str], dict[str, Any] | None]:
-    """The order's hash fields and the decision about ``command_id`` in them, once there is one
-    (or, without a command id, once the order has a decision), or when ``wait_ms`` is over."""
-    deadline = asyncio.get_running_loop().time() + wait_ms / 1000
-    while True:
-        fields = await read(models.order_fields, order_id)
-        decision = command_decision(fields, command_id) if command_id is not None else None
-        seen = decision is not None if command_id is not None else bool(fields)
-        if seen or asyncio.get_running_loop().time() >= deadline:
-            return fields, decision
-        await asyncio.sleep(POLL_S)  # as ReadModels.decision, without holding a thread
+# An order's hash fields, and the decision about the command waited for in them (if any).
+OrderRead = tuple[dict[str, str], dict[str, Any] | None]
+
+
+def _found(fields: dict[str, str], command_id: str | None) -> OrderRead | None:
+    """What a wait for ``command_id``'s decision (None: for the order's first) answers with,
+    if ``fields`` hold it."""
+    if command_id is None:
+        return (fields, None) if fields else None
+    decision = command_decision(fields, command_id)
+    return None if decision is None else (fields, decision)
+
+
+class DecisionWaits:
+    """The requests waiting for a decision (?wait_ms), served together: every POLL_S one read,
+    in one thread and one round trip, of every order waited on. A loop per request (a thread
+    hop and a read each POLL_S) cost the API about 540 us of CPU per request: 982-1,019 us
+    against 444-468 without the wait, 50 clients posting single orders on a debug stack."""
+
+    def __init__(self, models: ReadModels) -> None:
+        self._models = models
+        self._waiting: dict[str, list[tuple[str | None, asyncio.Future[OrderRead]]]] = {}
+        self._polling: asyncio.Task[None] | None = None
+
+    async def wait(
+        self, order_id: str, command_id: str | None, wait_ms: int, look_first: bool = True
+    ) -> OrderRead:
+        """The order's fields once they hold ``command_id``'s decision (or, without one, any
+        decision), or as they are when ``wait_ms`` is over. ``look_first=False`` leaves out the
+        read before the wait, for a command just published: its decision cannot be there yet."""
+        if look_first or not wait_ms:
+            fields = await read(self._models.order_fields, order_id)
+            found = _found(fields, command_id)
+            if found is not None or not wait_ms:
+                return found or (fields, None)
+        future: asyncio.Future[OrderRead] = asyncio.get_running_loop().create_future()
+        waiter = (command_id, future)
+        self._waiting.setdefault(order_id, []).append(waiter)
+        if self._polling is None or self._polling.done():
+            self._polling = asyncio.create_task(self._poll())
+        try:
+            return await asyncio.wait_for(future, wait_ms / 1000)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiting[order_id]
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiting[order_id]
+        fields = await read(self._models.order_fields, order_id)  # as it is now: a last look
+        return _found(fields, command_id) or (fields, None)
+
+    async def _poll(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(POLL_S)
+            order_ids = list(self._waiting)
+            try:
+                reads = await read(self._models.orders_fields, order_ids)
+            except redis.RedisError as exc:  # each waiting request answers 503
+                for waiters in self._waiting.values():
+                    for _, future in waiters:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for order_id, fields in zip(order_ids, reads, strict=True):
+                for command_id, future in self._waiting.get(order_id, []):
+                    found = _found(fields, command_id)
+                    if found is not None and not future.done():
+                        future.set_result(found)
 
 
 async def _unavailable(checks: dict[str, Callable[[], Any]]) -> dict[str, str]:
@@ -343,6 +399,7 @@ def _token_check(tokens: list[str]) -> Middleware:
 def create_api(settings: Settings) -> web.Application:
     models = ReadModels(redis.Redis.from_url(settings.redis_url))
     gateway = CommandGateway(Publisher(settings))
+    waits = DecisionWaits(models)
 
     async def accepted(request: web.Request, commands: Sequence[Command], many: bool = False) -> web.Response:
         """202 with the receipts; with ?wait_ms, 200 with the decision once it is visible."""
@@ -350,7 +407,7 @@ def create_api(settings: Settings) -> web.Application:
         rows = _receipt_rows(commands, await gateway.publish(commands))
         if not wait_ms:
             return web.json_response({"commands": rows} if many else rows[0], status=202)
-        _, decision = await _read_order(models, rows[0]["order_id"], rows[0]["command_id"], wait_ms)
+        _, decision = await waits.wait(rows[0]["order_id"], rows[0]["command_id"], wait_ms, look_first=False)
         return web.json_response({**rows[0], "decision": decision}, status=202 if decision is None else 200)
 
     async def post_order(request: web.Request) -> web.Response:
@@ -380,7 +437,7 @@ def create_api(settings: Settings) -> web.Application:
         order_id = request.match_info["order_id"]
         wait_ms = _int_param(request, "wait_ms", 0, 0, MAX_WAIT_MS)
         command_id = _command_id_param(request)
-        fields, decision = await _read_order(models, order_id, command_id, wait_ms)
+        fields, decision = await waits.wait(order_id, command_id, wait_ms)
         if not fields:
             return web.json_response(
                 {"error": order_not_found(order_id, settings.order_retention_s)}, status=404

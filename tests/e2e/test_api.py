@@ -8,6 +8,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,28 @@ def test_an_order_placed_over_http_is_decided_and_read_back(api: str, unique: Ca
     )
     assert call(api, "GET", f"/skus/{unique('never-seen')}")[0] == 404
     assert call(api, "GET", f"/orders/{unique('never-seen')}?wait_ms=200")[0] == 404
+
+
+def test_requests_waiting_together_each_get_the_decision_about_their_own_command(
+    api: str, unique: Callable[[str], str]
+) -> None:
+    # The API reads every order waited on in one round trip: each answer must still be its own.
+    sku = unique("SKU")
+    assert call(api, "POST", f"/skus/{sku}/restock", {"qty": 100})[0] == 202
+    # Each order id placed twice at once: one placing processed, the other refused, one hash.
+    order_ids = [unique(f"order-{n}") for n in range(8)]
+    bodies: list[dict[str, Any]] = [
+        {"sku": sku, "qty": 1, "order_id": order_id} for order_id in order_ids
+    ] * 2
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: call(api, "POST", "/orders?wait_ms=30000", body), bodies))
+    statuses: dict[str, list[str]] = {}
+    for (status, answer, _), body in zip(answers, bodies, strict=True):
+        assert status == 200, answer
+        decision = answer["decision"]
+        assert (decision["command_id"], answer["order_id"]) == (answer["command_id"], body["order_id"])
+        statuses.setdefault(body["order_id"], []).append(decision["status"])
+    assert all(sorted(both) == ["processed", "rejected"] for both in statuses.values()), statuses
 
 
 def test_many_orders_in_one_request_are_each_decided(api: str, unique: Callable[[str], str]) -> None:
