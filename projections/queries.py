@@ -60,10 +60,10 @@ class ReadModels:
         return line_status(self.order_fields(order_id))
 
     def decision(self, order_id: str, command_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
-        """The decision about command ``command_id`` on order ``order_id``: its SKU, status,
-        reason, version, updated_at. Waits up to ``wait_s`` for the read models to show it;
-        None if they do not by then (not decided or not projected yet, or not about this order).
-        """
+        """The decision about command ``command_id`` on order ``order_id``: the line's document
+        (status, qty, reason, version, updated_at, command_id) and its SKU. Waits up to ``wait_s``
+        for the read models to show it; None if they do not by then (not decided or not
+        projected yet, or not about this order)."""
         deadline = time.monotonic() + wait_s
         while (found := command_decision(self.order_fields(order_id), command_id)) is None:
             if time.monotonic() >= deadline:
