@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 
@@ -16,12 +18,24 @@ from projections.store import (
     WATERMARKS_KEY,
     order_key,
     recent_key,
+    restocks_key,
     stock_key,
 )
-from projections.views import command_decision, line_status
+from projections.views import command_decision, find_command, line_status
 
 # How often a wait for a decision looks at Redis again.
 POLL_S = 0.02
+T = TypeVar("T")
+
+
+def _waited(look: Callable[[], T | None], wait_s: float) -> T | None:
+    """``look()`` until it finds something, for up to ``wait_s``; None if it never did."""
+    deadline = time.monotonic() + wait_s
+    while (found := look()) is None:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(POLL_S)
+    return found
 
 
 def _text(value: bytes | str) -> str:
@@ -53,7 +67,24 @@ class ReadModels:
             row.setdefault(counter, 0)
         recent: list[bytes] = self._redis.lrange(recent_key(sku), 0, -1)  # type: ignore[assignment]
         row["recent_orders"] = [_text(order_id) for order_id in recent]
+        row["recent_restocks"] = self.restocks(sku)
         return row
+
+    def restocks(self, sku: str) -> list[dict[str, Any]]:
+        """The SKU's newest restock decisions, newest first (``store.RECENT_RESTOCKS``)."""
+        return self.skus_restocks([sku])[0]
+
+    def skus_restocks(self, skus: list[str]) -> list[list[dict[str, Any]]]:
+        """``restocks`` of each SKU, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for sku in skus:
+            pipe.lrange(restocks_key(sku), 0, -1)
+        return [[json.loads(document) for document in documents] for documents in pipe.execute()]
+
+    def restock_decision(self, sku: str, command_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """The decision about restock ``command_id`` of ``sku`` (status "replenished" or
+        "rejected", qty, reason, version, updated_at, command_id), as ``decision``."""
+        return _waited(lambda: find_command(self.restocks(sku), command_id), wait_s)
 
     def order(self, order_id: str) -> dict[str, dict[str, Any]]:
         """Status of each line (one per SKU) of an order; empty if unknown."""
@@ -64,12 +95,7 @@ class ReadModels:
         (status, qty, reason, version, updated_at, command_id) and its SKU. Waits up to ``wait_s``
         for the read models to show it; None if they do not by then (not decided or not
         projected yet, or not about this order)."""
-        deadline = time.monotonic() + wait_s
-        while (found := command_decision(self.order_fields(order_id), command_id)) is None:
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(POLL_S)
-        return found
+        return _waited(lambda: command_decision(self.order_fields(order_id), command_id), wait_s)
 
     def order_fields(self, order_id: str) -> dict[str, str]:
         """An order's hash as it is: a JSON document per decision about its lines

@@ -3,6 +3,8 @@
 Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
   sf:stock:{SKU}      hash  available, version, updated_at, units_sold, one counter per event kind
   sf:recent:{SKU}     list  newest processed order ids first, trimmed
+  sf:restocks:{SKU}   list  the SKU's newest restock decisions first, RECENT_RESTOCKS of them: JSON
+                            documents naming their command (``projections.views.restock_document``)
   sf:order:{ORDER}    hash  "<SKU>:<status>:<version>" -> JSON document of that decision about
                             the order line, naming its command (``projections.views.line_status``
                             picks what the line shows); with a
@@ -40,8 +42,9 @@ from projections.views import KIND, WritePlan
 PREFIX = "sf"
 STOCK_COUNTERS = ("units_sold", *KIND.values())
 
-# KEYS: stock hash, recent list. ARGV: recent max, then available_after and occurred_at of the
-# last event, then 4 per event, in rising versions: version, kind, qty, order_id.
+# KEYS: stock hash, recent list, restocks list. ARGV: recent max, restocks max, then
+# available_after and occurred_at of the last event, then 4 per event, in rising versions:
+# version, kind, qty, and the order id (an order's event) or the decision's document (a restock's).
 # The events newer than the stored version are folded here, then written with one command per
 # field: a Lua call per event, or five commands per event, was most of Redis's time.
 # Returns {events applied, units sold, 1 if a version is missing before these events, the
@@ -50,11 +53,13 @@ STOCK_COUNTERS = ("units_sold", *KIND.values())
 _APPLY_SKU = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local recent_max = tonumber(ARGV[1])
+local restocks_max = tonumber(ARGV[2])
 local version = current
 local counts = {}
 local units, sold = 0, false
 local recent = {}
-for i = 4, #ARGV, 4 do
+local restocks = {}
+for i = 5, #ARGV, 4 do
   local v = tonumber(ARGV[i])
   if v > version + 1 then
     return {0, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0'), 1, current}
@@ -67,6 +72,8 @@ for i = 4, #ARGV, 4 do
       recent[#recent + 1] = ARGV[i + 3]
     elseif kind == 'cancelled' then
       units, sold = units - tonumber(ARGV[i + 2]), true
+    elseif kind == 'replenished' or kind == 'restock_rejected' then
+      restocks[#restocks + 1] = ARGV[i + 3]
     end
     version = v
   end
@@ -74,7 +81,7 @@ end
 if version == current then
   return {0, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0'), 0, current}
 end
-redis.call('HSET', KEYS[1], 'available', ARGV[2], 'version', version, 'updated_at', ARGV[3])
+redis.call('HSET', KEYS[1], 'available', ARGV[3], 'version', version, 'updated_at', ARGV[4])
 local applied = 0
 for kind, count in pairs(counts) do
   redis.call('HINCRBY', KEYS[1], kind, count)
@@ -87,6 +94,10 @@ if #recent > 0 then
   -- Only the newest recent_max survive the trim; LPUSH puts the last one first.
   redis.call('LPUSH', KEYS[2], unpack(recent, math.max(1, #recent - recent_max + 1)))
   redis.call('LTRIM', KEYS[2], 0, recent_max - 1)
+end
+if #restocks > 0 then
+  redis.call('LPUSH', KEYS[3], unpack(restocks, math.max(1, #restocks - restocks_max + 1)))
+  redis.call('LTRIM', KEYS[3], 0, restocks_max - 1)
 end
 return {applied, tonumber(redis.call('HGET', KEYS[1], 'units_sold') or '0'), 0, version}
 """
@@ -150,6 +161,15 @@ def recent_key(sku: str) -> str:
     return f"{PREFIX}:recent:{{{sku}}}"
 
 
+def restocks_key(sku: str) -> str:
+    return f"{PREFIX}:restocks:{{{sku}}}"
+
+
+# Restock decisions a SKU's read model keeps, newest first: what a client waiting for its
+# restock's decision finds it among (a restock is rare beside the orders of a SKU).
+RECENT_RESTOCKS = 20
+
+
 def order_key(order_id: str) -> str:
     return f"{PREFIX}:order:{{{order_id}}}"
 
@@ -206,10 +226,12 @@ class ReadModelStore:
                 (
                     "EVALSHA",
                     self._apply_sku.sha,
-                    2,
+                    3,
                     stock_key(sku),
                     recent_key(sku),
+                    restocks_key(sku),
                     self._recent_max,
+                    RECENT_RESTOCKS,
                     events.available_after,
                     events.occurred_at,
                     *events.script_args,

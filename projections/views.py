@@ -44,6 +44,7 @@ ORDER_STATUS: dict[type[Event], str] = {
     OrderRejected: "rejected",
     OrderCancelled: "cancelled",
 }
+RESTOCK_STATUS: dict[type[Event], str] = {StockReplenished: "replenished", RestockRejected: "rejected"}
 # The statuses that place or cancel a line; a rejection ("rejected") leaves it as it was.
 DECIDES_LINE = ("processed", "cancelled")
 # What ``refused`` shows of a refusal (no command_id in the documents of older projections).
@@ -101,7 +102,8 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]], expiring: bool =
         # A SKU's events go in strictly rising versions; a lower one is a decision the
         # processor repeated after a crash, and the SKU has it already.
         if event.version > sku_events.version:
-            sku_events.script_args += (event.version, kind, event.qty, order_id)
+            detail = order_id or restock_document(event)  # what the SKU's script keeps of it
+            sku_events.script_args += (event.version, kind, event.qty, detail)
             sku_events.version = event.version
             sku_events.available_after, sku_events.occurred_at = event.available_after, event.occurred_at
         if order_id:
@@ -122,8 +124,18 @@ def order_document(event: Event) -> str:
 
     Formatted directly: json.dumps of a dict per event was a quarter of a replay's time.
     """
+    return _document(ORDER_STATUS[type(event)], event)
+
+
+def restock_document(event: Event) -> str:
+    """A restock's decision as compact JSON, as ``order_document``: status "replenished" or
+    "rejected"."""
+    return _document(RESTOCK_STATUS[type(event)], event)
+
+
+def _document(status: str, event: Event) -> str:
     return (
-        f'{{"status":"{ORDER_STATUS[type(event)]}","qty":{event.qty},'
+        f'{{"status":"{status}","qty":{event.qty},'
         f'"reason":{encode_basestring_ascii(getattr(event, "reason", ""))},'
         f'"version":{event.version},"updated_at":{event.occurred_at},'
         f'"command_id":{encode_basestring_ascii(event.command_id)}}}'
@@ -183,10 +195,15 @@ def command_decision(fields: dict[str, str], command_id: str) -> dict[str, Any] 
     None if it is not there (not decided or not projected yet, or not a command about this order).
     """
     for sku, decisions in order_decisions(fields).items():
-        for decision in decisions:
-            if decision.get("command_id") == command_id:
-                return {"sku": sku, **decision}
+        decision = find_command(decisions, command_id)
+        if decision is not None:
+            return {"sku": sku, **decision}
     return None
+
+
+def find_command(documents: Iterable[dict[str, Any]], command_id: str) -> dict[str, Any] | None:
+    """The decision's document among ``documents`` that names command ``command_id``, if any."""
+    return next((document for document in documents if document.get("command_id") == command_id), None)
 
 
 def _version(decision: dict[str, Any]) -> int:

@@ -7,15 +7,16 @@
       ... = optional "expected_version", "correlation_id", and "command_id": a retry that sends
       the same command_id is decided once
       202  the command is in the commands log (acks=all): {"command_id", "partition", "offset", ...}
-      200  with ?wait_ms=N (an order or a cancel): the same, and its decision under "decision",
-           once visible within N ms (else 202, "decision": null)
+      200  with ?wait_ms=N (one command, not an array): the same, and its decision under
+           "decision", once visible within N ms (else 202, "decision": null)
       400  not JSON, a field missing, unknown or of the wrong type, or a rule of the contract
            broken (qty <= 0, an empty SKU); the reason is in {"error"}, and nothing was sent
       429  the workers are too far behind (backpressure); Retry-After says when to try again
       503  Kafka did not acknowledge the command
       401  STOCKFLOW_API_TOKEN is set and the request lacks `Authorization: Bearer <it>`
            (every route but GET /health)
-  GET /skus/{sku}                  stock of a SKU, 404 until an event about it is projected
+  GET /skus/{sku}                  stock of a SKU (its recent restock decisions too), 404 until
+                                   an event about it is projected
   GET /orders/{order_id}           status of each line, 404 until one is projected; with
                                    ?wait_ms=N waits up to N ms for it (read your own order);
                                    a line's later refused command (a cancel) under "refused";
@@ -38,7 +39,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 from aiohttp import web
@@ -47,8 +48,8 @@ from aiohttp.typedefs import Middleware
 from producers.commands import cancel_order, place_order, restock
 from producers.publisher import PartitionCountMismatch, Publisher, PublishError, Receipt
 from projections.queries import POLL_S, ReadModels, order_not_found
-from projections.views import command_decision, line_status
-from schemas.records import CancelOrder, Command, PlaceOrder, validate_command
+from projections.views import command_decision, find_command, line_status
+from schemas.records import CancelOrder, Command, PlaceOrder, Restock, validate_command
 from stockflow.errors import InvalidCommand, StockflowError
 from stockflow.lag import Overloaded
 from stockflow.settings import Settings
@@ -221,7 +222,7 @@ def _receipt_rows(commands: Sequence[Command], receipts: Sequence[Receipt]) -> l
     ]
 
 
-def _decision_wait_ms(request: web.Request, commands: Sequence[Command], many: bool) -> int:
+def _decision_wait_ms(request: web.Request, many: bool) -> int:
     """A POST's ?wait_ms: how long to wait for the decision before answering; checked before
     anything is sent."""
     wait_ms = _int_param(request, "wait_ms", 0, 0, MAX_WAIT_MS)
@@ -229,11 +230,6 @@ def _decision_wait_ms(request: web.Request, commands: Sequence[Command], many: b
         raise BadRequest(
             "?wait_ms waits for one order's decision: for an array, read each with"
             " GET /orders/{order_id}?command_id=<its command_id>&wait_ms=N"
-        )
-    if wait_ms and not isinstance(commands[0], (PlaceOrder, CancelOrder)):
-        raise BadRequest(
-            "?wait_ms waits for a decision on an order (a place or a cancel); a restock's shows on"
-            " its SKU: GET /skus/{sku}"
         )
     return wait_ms
 
@@ -250,45 +246,61 @@ async def read(query: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, query, *args)
 
 
-# An order's hash fields, and the decision about the command waited for in them (if any).
-OrderRead = tuple[dict[str, str], dict[str, Any] | None]
+V = TypeVar("V")
+# What a wait answers with: what it read, and the decision it waited for (None: not there).
+Waited = tuple[V, dict[str, Any] | None]
 
 
-def _found(fields: dict[str, str], command_id: str | None) -> OrderRead | None:
-    """What a wait for ``command_id``'s decision (None: for the order's first) answers with,
-    if ``fields`` hold it."""
+def _on_order(fields: dict[str, str], command_id: str | None) -> tuple[bool, dict[str, Any] | None]:
+    """Whether an order's hash ``fields`` hold what a wait wants: ``command_id``'s decision,
+    or without one, any decision; and that decision."""
     if command_id is None:
-        return (fields, None) if fields else None
+        return bool(fields), None
     decision = command_decision(fields, command_id)
-    return None if decision is None else (fields, decision)
+    return decision is not None, decision
 
 
-class DecisionWaits:
-    """The requests waiting for a decision (?wait_ms), served together: every POLL_S one read,
-    in one thread and one round trip, of every order waited on. 50 clients posting single
-    orders with ?wait_ms on a debug stack cost the API 492-573 us of CPU per request this way,
-    982-1,019 with a loop per request (a thread hop and a read each POLL_S), 480-503 without
-    waiting."""
+def _in_restocks(
+    restocks: list[dict[str, Any]], command_id: str | None
+) -> tuple[bool, dict[str, Any] | None]:
+    """Whether a SKU's recent restock decisions hold ``command_id``'s; and that decision."""
+    decision = find_command(restocks, command_id or "")
+    return decision is not None, decision
 
-    def __init__(self, models: ReadModels) -> None:
-        self._models = models
-        self._waiting: dict[str, list[tuple[str | None, asyncio.Future[OrderRead]]]] = {}
+
+class DecisionWaits(Generic[V]):
+    """The requests waiting for a decision (?wait_ms) on one kind of read model, served
+    together: every POLL_S one read, in one thread and one round trip, of everything waited on.
+    50 clients posting single orders with ?wait_ms on a debug stack cost the API 492-573 us of
+    CPU per request this way, 982-1,019 with a loop per request (a thread hop and a read each
+    POLL_S), 480-503 without waiting.
+
+    ``read_many(keys)`` reads what each key (an order id, a SKU) holds; ``holds(value,
+    command_id)`` says whether it holds the decision waited for, and gives it."""
+
+    def __init__(
+        self,
+        read_many: Callable[[list[str]], list[V]],
+        holds: Callable[[V, str | None], tuple[bool, dict[str, Any] | None]],
+    ) -> None:
+        self._read_many = read_many
+        self._holds = holds
+        self._waiting: dict[str, list[tuple[str | None, asyncio.Future[Waited[V]]]]] = {}
         self._polling: asyncio.Task[None] | None = None
 
     async def wait(
-        self, order_id: str, command_id: str | None, wait_ms: int, look_first: bool = True
-    ) -> OrderRead:
-        """The order's fields once they hold ``command_id``'s decision (or, without one, any
-        decision), or as they are when ``wait_ms`` is over. ``look_first=False`` leaves out the
-        read before the wait, for a command just published: its decision cannot be there yet."""
+        self, key: str, command_id: str | None, wait_ms: int, look_first: bool = True
+    ) -> Waited[V]:
+        """What ``key`` holds once it holds ``command_id``'s decision, or as it is when
+        ``wait_ms`` is over. ``look_first=False`` leaves out the read before the wait, for a
+        command just published: its decision cannot be there yet."""
         if look_first or not wait_ms:
-            fields = await read(self._models.order_fields, order_id)
-            found = _found(fields, command_id)
-            if found is not None or not wait_ms:
-                return found or (fields, None)
-        future: asyncio.Future[OrderRead] = asyncio.get_running_loop().create_future()
+            seen, waited = await self._look(key, command_id)
+            if seen or not wait_ms:
+                return waited
+        future: asyncio.Future[Waited[V]] = asyncio.get_running_loop().create_future()
         waiter = (command_id, future)
-        self._waiting.setdefault(order_id, []).append(waiter)
+        self._waiting.setdefault(key, []).append(waiter)
         if self._polling is None or self._polling.done():
             self._polling = asyncio.create_task(self._poll())
         try:
@@ -296,30 +308,34 @@ class DecisionWaits:
         except TimeoutError:
             pass
         finally:
-            waiters = self._waiting[order_id]
+            waiters = self._waiting[key]
             waiters.remove(waiter)
             if not waiters:
-                del self._waiting[order_id]
-        fields = await read(self._models.order_fields, order_id)  # as it is now: a last look
-        return _found(fields, command_id) or (fields, None)
+                del self._waiting[key]
+        return (await self._look(key, command_id))[1]  # as it is now: a last look
+
+    async def _look(self, key: str, command_id: str | None) -> tuple[bool, Waited[V]]:
+        [value] = await read(self._read_many, [key])
+        seen, decision = self._holds(value, command_id)
+        return seen, (value, decision)
 
     async def _poll(self) -> None:
         while self._waiting:
             await asyncio.sleep(POLL_S)
-            order_ids = list(self._waiting)
+            keys = list(self._waiting)
             try:
-                reads = await read(self._models.orders_fields, order_ids)
+                values = await read(self._read_many, keys)
             except redis.RedisError as exc:  # each waiting request answers 503
                 for waiters in self._waiting.values():
                     for _, future in waiters:
                         if not future.done():
                             future.set_exception(exc)
                 continue
-            for order_id, fields in zip(order_ids, reads, strict=True):
-                for command_id, future in self._waiting.get(order_id, []):
-                    found = _found(fields, command_id)
-                    if found is not None and not future.done():
-                        future.set_result(found)
+            for key, value in zip(keys, values, strict=True):
+                for command_id, future in self._waiting.get(key, []):
+                    seen, decision = self._holds(value, command_id)
+                    if seen and not future.done():
+                        future.set_result((value, decision))
 
 
 async def _unavailable(checks: dict[str, Callable[[], Any]]) -> dict[str, str]:
@@ -400,15 +416,19 @@ def _token_check(tokens: list[str]) -> Middleware:
 def create_api(settings: Settings) -> web.Application:
     models = ReadModels(redis.Redis.from_url(settings.redis_url))
     gateway = CommandGateway(Publisher(settings))
-    waits = DecisionWaits(models)
+    order_waits = DecisionWaits(models.orders_fields, _on_order)
+    restock_waits = DecisionWaits(models.skus_restocks, _in_restocks)
 
     async def accepted(request: web.Request, commands: Sequence[Command], many: bool = False) -> web.Response:
         """202 with the receipts; with ?wait_ms, 200 with the decision once it is visible."""
-        wait_ms = _decision_wait_ms(request, commands, many)
+        wait_ms = _decision_wait_ms(request, many)
         rows = _receipt_rows(commands, await gateway.publish(commands))
         if not wait_ms:
             return web.json_response({"commands": rows} if many else rows[0], status=202)
-        _, decision = await waits.wait(rows[0]["order_id"], rows[0]["command_id"], wait_ms, look_first=False)
+        if isinstance(commands[0], Restock):
+            _, decision = await restock_waits.wait(commands[0].sku, rows[0]["command_id"], wait_ms, False)
+        else:
+            _, decision = await order_waits.wait(rows[0]["order_id"], rows[0]["command_id"], wait_ms, False)
         return web.json_response({**rows[0], "decision": decision}, status=202 if decision is None else 200)
 
     async def post_order(request: web.Request) -> web.Response:
@@ -438,7 +458,7 @@ def create_api(settings: Settings) -> web.Application:
         order_id = request.match_info["order_id"]
         wait_ms = _int_param(request, "wait_ms", 0, 0, MAX_WAIT_MS)
         command_id = _command_id_param(request)
-        fields, decision = await waits.wait(order_id, command_id, wait_ms)
+        fields, decision = await order_waits.wait(order_id, command_id, wait_ms)
         if not fields:
             return web.json_response(
                 {"error": order_not_found(order_id, settings.order_retention_s)}, status=404

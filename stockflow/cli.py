@@ -247,25 +247,33 @@ def _publish(command: Any, wait_s: float = 0.0) -> None:
         f" -> partition {receipt.partition}, offset {receipt.offset}"
     )
     if wait_s:
-        _show_decision(command.order_id, receipt.command_id, wait_s)
+        _show_decision(command, receipt.command_id, wait_s)
 
 
-def _show_decision(order_id: str, command_id: str, wait_s: float) -> None:
-    """Print the decision about ``command_id`` once the read models show it on ``order_id``;
-    exit 4 if they do not within ``wait_s``."""
-    decision = _models().decision(order_id, command_id, wait_s)
+def _show_decision(command: Any, command_id: str, wait_s: float) -> None:
+    """Print the decision about ``command`` once the read models show it (on its order, or a
+    restock's on its SKU); exit 4 if they do not within ``wait_s``."""
+    from schemas.records import Restock
+
+    if isinstance(command, Restock):
+        decision, where = _models().restock_decision(command.sku, command_id, wait_s), f"SKU {command.sku}"
+    else:
+        decision, where = (
+            _models().decision(command.order_id, command_id, wait_s),
+            f"order {command.order_id}",
+        )
     if decision is None:
         errors.print(
-            f"[yellow]no decision about {command_id} is visible on order {order_id} after --wait"
-            f" {wait_s:g}:[/yellow] it is in the log; are the processor and a projection worker"
-            " running and keeping up (`stockflow status`)? `stockflow query order` shows it later"
+            f"[yellow]no decision about {command_id} is visible on {where} after --wait {wait_s:g}:"
+            "[/yellow] it is in the log; are the processor and a projection worker running and"
+            " keeping up (`stockflow status`)? `stockflow query` shows it later"
         )
         raise typer.Exit(4)
     status = decision["status"]
     reason = f": {decision['reason']}" if decision["reason"] else ""
     colour = "yellow" if status == "rejected" else "green"
     console.print(
-        f"[{colour}]{status}[/{colour}]{reason} (SKU {decision['sku']} at version {decision['version']})"
+        f"[{colour}]{status}[/{colour}]{reason} (SKU {command.sku} at version {decision['version']})"
     )
 
 
@@ -327,15 +335,19 @@ def publish_cancel(
 
 @publish_app.command("restock")
 def publish_restock(
-    sku: str, qty: int, expected_version: ExpectedVersion = None, command_id: CommandId = None
+    sku: str,
+    qty: int,
+    expected_version: ExpectedVersion = None,
+    command_id: CommandId = None,
+    wait: Wait = 0.0,
 ) -> None:
     """Add QTY units of SKU to stock.
 
-    Example: `stockflow publish restock SKU-1 100`
+    Example: `stockflow publish restock SKU-1 100 --expected-version 3 --wait 30`
     """
     from producers.commands import restock
 
-    _publish(restock(sku, qty, expected_version, command_id=command_id))
+    _publish(restock(sku, qty, expected_version, command_id=command_id), wait)
 
 
 @app.command("load")

@@ -3,7 +3,8 @@
 Reads the commands topic, the dead letter topic and the event log from the start, folds the
 log per SKU (checking that each SKU's history holds together), and compares the fold with the
 processor's stock table (its changelog topic) and with the Redis read models: each SKU's stock
-row and top-sellers score, and each order line's status documents. Safe on a live
+row (its recent orders and restock decisions too) and top-sellers score, and each order line's
+decision documents. Safe on a live
 system: it only reads, and a view that is merely behind (lower version than the log) or a
 command the processor has not reached yet is reported as lag, not as a mismatch or a loss.
 """
@@ -21,10 +22,17 @@ import redis
 
 from processors.dedupe import decided_command_ids
 from projections.queries import ReadModels
-from projections.store import STOCK_COUNTERS, TOP_KEY, TOP_VERSIONS_KEY, exchange, order_key
-from projections.views import KIND, line_field, order_document
+from projections.store import RECENT_RESTOCKS, STOCK_COUNTERS, TOP_KEY, TOP_VERSIONS_KEY, exchange, order_key
+from projections.views import KIND, line_field, order_document, restock_document
 from schemas.codec import codec
-from schemas.records import Event, OrderCancelled, OrderProcessed, OrderRejected, StockReplenished
+from schemas.records import (
+    Event,
+    OrderCancelled,
+    OrderProcessed,
+    OrderRejected,
+    RestockRejected,
+    StockReplenished,
+)
 from stockflow.errors import DecodeError
 from stockflow.lag import GroupLag, LagProbe
 from stockflow.logreader import read_topic
@@ -42,6 +50,8 @@ class SkuFold:
     orders: dict[str, tuple[int, bool]] = field(default_factory=dict)  # order id -> (qty, cancelled)
     partition: int = -1  # of the events topic
     recent: deque[str] = field(default_factory=deque)  # processed order ids, newest last
+    # restock decisions' documents, newest last, as many as the read model keeps
+    restocks: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_RESTOCKS))
     # order id -> {order hash field: offset and document of the event that names it}
     documents: dict[str, dict[str, tuple[int, bytes]]] = field(default_factory=dict)
 
@@ -54,6 +64,8 @@ class SkuFold:
             self.recent.append(event.order_id)
         elif isinstance(event, OrderCancelled):
             self.counters["units_sold"] -= event.qty
+        elif isinstance(event, StockReplenished | RestockRejected):
+            self.restocks.append(json.loads(restock_document(event)))
         if isinstance(event, OrderProcessed | OrderRejected | OrderCancelled):
             line = self.documents.setdefault(event.order_id, {})
             line.setdefault(line_field(event.sku, event), (offset, order_document(event).encode()))
@@ -335,6 +347,7 @@ def _compare_with_read_models(
         expected.update({name: fold.counters[name] for name in STOCK_COUNTERS})
         # Newest first, as many as STOCKFLOW_RECENT_ORDERS_PER_SKU, which the workers share
         expected["recent_orders"] = list(reversed(fold.recent))
+        expected["recent_restocks"] = list(reversed(fold.restocks))
         actual = {name: row.get(name, 0) for name in expected}
         if actual != expected:
             diff = {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]}

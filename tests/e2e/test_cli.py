@@ -174,6 +174,9 @@ def test_publish_then_query_by_hand(settings: Settings, unique: Callable[[str], 
     refused = stockflow(settings, "publish", "cancel", sku, order_id, "--wait", "60")
     assert refused.returncode == 0, refused.stderr
     assert f"rejected: order {order_id} is already cancelled (SKU {sku} at version 4)" in refused.stdout
+    stale = stockflow(settings, "publish", "restock", sku, "1", "--expected-version", "2", "--wait", "60")
+    assert stale.returncode == 0, stale.stderr
+    assert f"rejected: version conflict: expected 2, SKU is at 4 (SKU {sku} at version 5)" in stale.stdout
 
 
 def test_stack_status_names_each_process(settings: Settings, stack: LocalStack) -> None:
@@ -276,7 +279,9 @@ def test_verify_and_publish_with_wait_exit_4_while_a_command_is_still_undecided(
     assert waited.returncode == 4, waited.stdout + waited.stderr
     assert "still behind after --wait 2: undecided commands: 1, views behind the log: 0" in waited.stderr
     assert "stockflow status" in waited.stderr
-    ordered = stockflow(own, "publish", "order", unique("SKU"), "1", "--wait", "1")
-    assert ordered.returncode == 4, ordered.stdout + ordered.stderr
-    assert "PlaceOrder" in ordered.stdout  # sent, and said so
-    assert "no decision about" in ordered.stderr and "stockflow status" in ordered.stderr
+    for publish in (["order", unique("SKU"), "1"], ["restock", unique("SKU"), "1"]):
+        sent = stockflow(own, "publish", *publish, "--wait", "1")
+        assert sent.returncode == 4, sent.stdout + sent.stderr
+        assert "partition" in sent.stdout  # sent, and said so
+        said = " ".join(sent.stderr.split())  # as one line: the console wraps long ones
+        assert "no decision about" in said and "(`stockflow status`)" in said

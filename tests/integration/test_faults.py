@@ -19,7 +19,7 @@ from producers.commands import cancel_order, place_order, restock
 from producers.load import LoadProfile, LoadReport, run_load
 from producers.publisher import Publisher
 from projections.queries import ReadModels
-from projections.store import TOP_KEY, order_key, recent_key
+from projections.store import TOP_KEY, order_key, recent_key, restocks_key
 from schemas.records import Event, OrderCancelled, OrderRejected
 from stockflow.lag import GroupLag, LagProbe
 from stockflow.logreader import read_latest
@@ -130,6 +130,13 @@ def test_verify_finds_read_models_that_differ_from_the_log_beyond_the_stock_coun
         ]
     finally:
         client.lpop(recent_key(sku))
+    forged = '{"status":"replenished","qty":9,"reason":"","version":9,"updated_at":0,"command_id":"c-never"}'
+    client.lpush(restocks_key(sku), forged)
+    try:
+        [problem] = problems()
+        assert problem.startswith(f"SKU {sku}: (read model, log) differ in {{'recent_restocks': ([{{'status'")
+    finally:
+        client.lpop(restocks_key(sku))
     try:
         tampered = document.replace(b'"qty":2', b'"qty":3')
         client.hset(key, name, tampered.decode())

@@ -11,7 +11,7 @@ import redis
 
 from producers.commands import cancel_order, place_order, restock
 from projections.queries import ReadModels
-from projections.store import ReadModelStore, order_key
+from projections.store import RECENT_RESTOCKS, ReadModelStore, order_key
 from projections.views import plan_writes
 from stockflow.settings import Settings
 from tests.history import decided
@@ -85,6 +85,39 @@ def test_events_applied_one_by_one_give_the_same_model_as_one_batch(
     events = decided(sku, restock(sku, 3), *[place_order(sku, 1) for _ in range(5)])
     store = ReadModelStore(scratch)
     store.apply(plan_writes([(0, i, e) for i, e in enumerate(events)]))
+    batched = snapshot(scratch)
+    scratch.flushdb()
+    for i, event in enumerate(events):
+        store.apply(plan_writes([(0, i, event)]))
+    assert snapshot(scratch) == batched
+
+
+def test_a_sku_keeps_its_newest_restock_decisions_whole_or_one_by_one(
+    scratch: redis.Redis, unique: Callable[[str], str]
+) -> None:
+    sku = unique("SKU")
+    restocks = [restock(sku, 1) for _ in range(RECENT_RESTOCKS + 5)]
+    restocks[-1] = restock(sku, 1, expected_version=0)  # a version conflict: refused
+    events = decided(sku, *restocks, place_order(sku, 2))
+    store, models = ReadModelStore(scratch), ReadModels(scratch)
+    store.apply(plan_writes([(0, i, e) for i, e in enumerate(events)]))
+    kept = models.restocks(sku)
+    assert [d["version"] for d in kept] == list(range(RECENT_RESTOCKS + 5, 5, -1))  # newest first
+    assert (kept[0]["status"], kept[0]["reason"]) == (
+        "rejected",
+        f"version conflict: expected 0, SKU is at {RECENT_RESTOCKS + 4}",
+    )
+    assert kept[1] == {
+        "status": "replenished",
+        "qty": 1,
+        "reason": "",
+        "version": RECENT_RESTOCKS + 4,
+        "updated_at": events[RECENT_RESTOCKS + 3].occurred_at,
+        "command_id": restocks[-2].command_id,
+    }
+    assert models.restock_decision(sku, restocks[-1].command_id) == kept[0]
+    assert models.restock_decision(sku, restocks[0].command_id) is None  # trimmed away
+    assert models.stock(sku)["recent_restocks"] == kept  # type: ignore[index]
     batched = snapshot(scratch)
     scratch.flushdb()
     for i, event in enumerate(events):

@@ -16,6 +16,7 @@ from projections.views import (
     order_document,
     percentile,
     plan_writes,
+    restock_document,
 )
 from schemas.records import Event, OrderProcessed, OrderRejected
 from tests.history import decided
@@ -198,3 +199,18 @@ def test_the_plan_notes_each_orders_newest_decision_for_its_retention() -> None:
 def test_a_missing_order_names_the_retention_only_when_there_is_one() -> None:
     assert order_not_found("o-1", 0) == "no decision about order 'o-1' is projected yet"
     assert "it expired: STOCKFLOW_ORDER_RETENTION_S (86400 s)" in order_not_found("o-1", 86_400)
+
+
+def test_a_restock_goes_to_its_skus_script_as_the_document_of_its_decision() -> None:
+    events = decided("SKU-1", restock("SKU-1", 3), place_order("SKU-1", 1, order_id="o-1"))
+    args = plan_writes([(0, i, e) for i, e in enumerate(events)]).sku_events["SKU-1"].script_args
+    assert args[3] == restock_document(events[0])  # the restock's: version, kind, qty, document
+    assert json.loads(args[3]) | {"updated_at": 0} == {
+        "status": "replenished",
+        "qty": 3,
+        "reason": "",
+        "version": 1,
+        "updated_at": 0,
+        "command_id": events[0].command_id,
+    }
+    assert args[4:] == [2, "processed", 1, "o-1"]  # an order's: its id
