@@ -102,7 +102,8 @@ def plan_writes(batch: Iterable[tuple[int, int, Event | None]], expiring: bool =
         # A SKU's events go in strictly rising versions; a lower one is a decision the
         # processor repeated after a crash, and the SKU has it already.
         if event.version > sku_events.version:
-            detail = order_id or restock_document(event)  # what the SKU's script keeps of it
+            # What the SKU's script keeps of it: a restock's decision, an order's id.
+            detail = restock_document(event) if type(event) in RESTOCK_STATUS else order_id
             sku_events.script_args += (event.version, kind, event.qty, detail)
             sku_events.version = event.version
             sku_events.available_after, sku_events.occurred_at = event.available_after, event.occurred_at
