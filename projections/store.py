@@ -7,8 +7,8 @@ Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
                             documents naming their command (``projections.views.restock_document``)
   sf:order:{ORDER}    hash  "<SKU>:<status>:<version>" -> JSON document of that decision about
                             the order line, naming its command (``projections.views.line_status``
-                            picks what the line shows); with a
-                            retention, it expires that long after the order's placing or cancel
+                            picks what the line shows); with a retention, it expires that long
+                            after the order's placing or cancel
   sf:top              zset  SKU -> units sold, as of the version in {sf:top}:versions
   {sf:top}:versions   hash  SKU -> the SKU's version its sf:top score is at (the hash tag puts
                             it in sf:top's slot, so one script guards both)
@@ -21,9 +21,9 @@ Keys (``{...}`` is a Redis Cluster hash tag: a SKU's keys share one slot):
                             the projection
 
 Every write is guarded by the SKU's event version (or the partition offset), checked inside a
-Lua script on a single key slot, or is a decision's document under a field its event alone names (HSETNX, no
-script: a Lua call per order cost Redis several times an HSETNX), so replaying any part of the
-log leaves the models unchanged.
+Lua script on a single key slot, or is a decision's document under a field its event alone
+names (HSETNX, no script: a Lua call per order cost Redis several times an HSETNX), so replaying
+any part of the log leaves the models unchanged.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Reads the commands topic, the dead letter topic and the event log from the start
 log per SKU (checking that each SKU's history holds together), and compares the fold with the
 processor's stock table (its changelog topic) and with the Redis read models: each SKU's stock
 row (its recent orders and restock decisions too) and top-sellers score, and each order line's
-decision documents. Safe on a live
-system: it only reads, and a view that is merely behind (lower version than the log) or a
-command the processor has not reached yet is reported as lag, not as a mismatch or a loss.
+decision documents. Safe on a live system: it only reads, and a view that is merely behind
+(lower version than the log) or a command the processor has not reached yet is reported as
+lag, not as a mismatch or a loss.
 """
 
 from __future__ import annotations
