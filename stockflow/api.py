@@ -63,6 +63,9 @@ MAX_ORDERS_PER_REQUEST = 5000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_TYPES = {int: "a whole number", str: "a string"}
+# Longer numbers are refused as they are parsed; shorter ones too large for a field are refused
+# by the contract, naming the field.
+MAX_INT_DIGITS = 100
 # The fields every command's body may add to its own.
 OPTIONAL_FIELDS: dict[str, type] = {"expected_version": int, "correlation_id": str, "command_id": str}
 
@@ -171,10 +174,24 @@ def _body(
 
 
 async def _json(request: web.Request) -> Any:
+    # The bytes, not request.json(): JSON is UTF-8 (RFC 8259), and aiohttp decodes by the
+    # Content-Type's charset, raising a UnicodeDecodeError (a 500) on bytes that are not text.
+    body = await request.read()
     try:
-        return await request.json()
-    except json.JSONDecodeError as exc:
+        return json.loads(body, parse_int=_json_int)
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the body is not UTF-8 text ({exc}): send a JSON object in UTF-8") from exc
+    except RecursionError as exc:
+        raise BadRequest("the body nests arrays or objects too deeply: send a JSON object of fields") from exc
+    except ValueError as exc:  # json.JSONDecodeError, or _json_int's
         raise BadRequest(f"the body is not JSON ({exc}): send a JSON object") from exc
+
+
+def _json_int(digits: str) -> int:
+    # Python converts at most 4,300 digits (a ValueError that advises changing the interpreter).
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"a number of {len(digits)} digits, where no field takes more than 19")
+    return int(digits)
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
