@@ -219,9 +219,29 @@ def uuid_text(digits: str, version: int) -> str:
     return f"{digits[:8]}-{digits[8:12]}-{version}{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:32]}"
 
 
+def not_text(value: str) -> str:
+    """What keeps ``value`` from being written as an Avro string (UTF-8), or "" if nothing: a
+    lone surrogate, from a JSON escape such as "\\ud800" or from bytes that were not UTF-8 (Python
+    decodes a command line's that way)."""
+    if value.isascii():  # the usual case, and the quickest check
+        return ""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        return (
+            f"holds U+{ord(value[exc.start]):04X} at character {exc.start}, which is not text"
+            " (bytes that are not UTF-8, or half a surrogate pair): send UTF-8 text"
+        )
+    return ""
+
+
 def validate_command(command: Command) -> None:
     """Refuse a command that can never be decided; say which field is wrong and how to fix it."""
-    problems: list[str] = []
+    problems = [
+        f"{name} {problem}"
+        for name in ("command_id", "correlation_id", "order_id", "sku")
+        if (problem := not_text(getattr(command, name, "")))
+    ]
     if not command.command_id.strip():
         problems.append("command_id is empty: give every command a unique id (a UUID)")
     for name in ("command_id", "correlation_id", "order_id"):

@@ -420,8 +420,23 @@ def _emit(data: Any, as_json: bool, title: str) -> None:
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
+def _text(value: str) -> str:
+    # An argument of bytes that are not UTF-8 (Python decodes it with surrogates) names
+    # nothing that could have been published, and Redis clients cannot send it.
+    from schemas.records import not_text
+
+    problem = not_text(value)
+    if problem:
+        raise typer.BadParameter(problem)
+    return value
+
+
+SkuArgument = Annotated[str, typer.Argument(metavar="SKU", callback=_text)]
+OrderIdArgument = Annotated[str, typer.Argument(metavar="ORDER_ID", callback=_text)]
+
+
 @query_app.command("stock")
-def query_stock(sku: str, as_json: JsonFlag = False) -> None:
+def query_stock(sku: SkuArgument, as_json: JsonFlag = False) -> None:
     """Stock of one SKU: available units, version, counters, recent orders.
 
     Example: `stockflow query stock SKU-1 --json`
@@ -434,7 +449,7 @@ def query_stock(sku: str, as_json: JsonFlag = False) -> None:
 
 
 @query_app.command("order")
-def query_order(order_id: str, as_json: JsonFlag = False) -> None:
+def query_order(order_id: OrderIdArgument, as_json: JsonFlag = False) -> None:
     """Status of an order, one line per SKU.
 
     Example: `stockflow query order o-1001`

@@ -211,6 +211,7 @@ def test_many_orders_in_one_request_are_each_decided(api: str, unique: Callable[
         ("/orders", b"[" * 100_000, "the body nests arrays or objects too deeply"),
         ("/orders", b'{"sku": "SKU-1", "qty": 1' + b"0" * 5000 + b"}", "a number of 5001 digits"),
         ("/orders", {"sku": "SKU-1", "qty": 10**40}, "qty is 1" + "0" * 40),
+        ("/orders", b'{"sku": "SKU-\\ud800", "qty": 1}', "sku holds U+D800 at character 4"),
         ("/orders", b"[1, 2]", "must be a JSON object"),
         ("/orders", {"qty": 2}, "field 'sku' is missing"),
         ("/orders", {"sku": "SKU-1", "qty": "2"}, "field 'qty' must be a whole number"),

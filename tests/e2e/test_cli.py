@@ -110,6 +110,8 @@ def test_a_stack_that_is_not_up_is_one_error_naming_what_to_set(
         ("query top -n 0", "-n"),  # Redis read -n 0 as every SKU
         ("verify --wait -1", "--wait"),
         ("rebuild --workers 0", "--workers"),
+        ("query stock SKU-\udcff", "SKU"),  # the byte 0xff: not UTF-8
+        ("query order o-\udcff", "ORDER_ID"),
     ],
 )
 def test_an_option_out_of_range_is_refused_naming_it_before_anything_runs(
@@ -129,6 +131,7 @@ def test_an_option_out_of_range_is_refused_naming_it_before_anything_runs(
         (["publish", "order", "", "2"], "sku is empty"),
         (["publish", "restock", "--", "SKU-1", "-4"], "qty is -4"),
         (["publish", "restock", "SKU-1", "3000000000"], "qty is 3000000000: at most 2147483647"),
+        (["publish", "order", "SKU-\udcff", "1"], "sku holds U+DCFF at character 4, which is not text"),
     ],
 )
 def test_invalid_input_is_refused_with_exit_2_and_nothing_is_sent(
@@ -137,7 +140,7 @@ def test_invalid_input_is_refused_with_exit_2_and_nothing_is_sent(
     before = len(read_topic(settings, settings.commands_topic))
     result = stockflow(settings, *args)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert message in result.stderr
+    assert message in " ".join(result.stderr.split())  # the console wraps long lines
     assert "Nothing was sent" in result.stderr
     assert len(read_topic(settings, settings.commands_topic)) == before
 

@@ -29,6 +29,10 @@ from stockflow.errors import InvalidCommand
         (place_order("SKU-1", 2**31), "qty is 2147483648: at most 2147483647 units in one command"),
         (restock("SKU-1", 10**30), "qty is 1000000000000000000000000000000: at most"),
         (place_order("SKU-1", 1, expected_version=2**63), "expected_version is 9223372036854775808: use a"),
+        # Bytes that were not UTF-8 (a command line's), or a JSON escape of half a surrogate pair
+        (place_order("SKU-\udcff", 1), "sku holds U[+]DCFF at character 4, which is not text"),
+        (cancel_order("SKU-1", "o-\ud800"), "order_id holds U[+]D800 at character 2"),
+        (restock("SKU-1", 1, command_id="\udc80"), "command_id holds U[+]DC80"),
     ],
 )
 def test_invalid_commands_are_refused_with_what_to_fix(command: Command, message: str) -> None:
@@ -50,6 +54,7 @@ def test_valid_commands_pass() -> None:
         cancel_order("SKU-1", "o-1"),
         restock("SKU-1", MAX_QTY, expected_version=MAX_VERSION),
         place_order("S" * 64, 1, order_id="o" * 128, correlation_id="r" * 128, command_id="c" * 128),
+        place_order("Kaffeebohne-é-豆-☕", 1, order_id="o-\U0001f600"),  # any character of text
     ):
         validate_command(command)
 
