@@ -34,14 +34,20 @@ def read_topic(
     topic: str,
     timeout_s: float = 30.0,
     on_progress: Callable[[int, int], None] | None = None,
+    partitions: Iterable[int] | None = None,
 ) -> Iterator[Logged]:
-    """Every record in ``topic`` up to the end offsets it has when reading starts.
+    """Every record in ``topic`` (in ``partitions`` only, if given) up to the end offsets it
+    has when reading starts.
 
-    ``on_progress(offsets covered, offsets in all)``, all partitions, every PROGRESS_EVERY
+    ``on_progress(offsets covered, offsets in all)``, all partitions read, every PROGRESS_EVERY
     records and at the end."""
+    ends = end_offsets(settings, topic, timeout_s)
+    if partitions is not None:
+        ends = {partition: ends[partition] for partition in partitions if partition in ends}
+    # Assigned as soon as it is made: assigned later, even by 50 ms, a consumer got its first
+    # record about a second after it was made (librdkafka waits to refresh its metadata).
     consumer = _reader(settings, {"enable.partition.eof": False})
     try:
-        ends = end_offsets(settings, topic, timeout_s)
         total, reached, count = sum(ends.values()), dict.fromkeys(ends, 0), 0
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
         while ends:

@@ -7,6 +7,11 @@ row (its recent orders and restock decisions too) and top-sellers score, and eac
 decision documents. Safe on a live system: it only reads, and a view that is merely behind
 (lower version than the log) or a command the processor has not reached yet is reported as
 lag, not as a mismatch or a loss.
+
+One partition at a time: a SKU's commands, events and read models all belong to the partition
+its name hashes to, and the processor decides and deduplicates each partition on its own. So
+verify holds one partition's history at a time (the command and event ids, each order line's
+documents), not the whole log's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from schemas.records import (
 from stockflow.errors import DecodeError
 from stockflow.lag import GroupLag, LagProbe
 from stockflow.logreader import read_topic
+from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.topics import changelog_topic
 
@@ -73,8 +79,10 @@ class SkuFold:
 
 @dataclass
 class RedisViews:
+    """The read models of one partition's SKUs."""
+
     client: redis.Redis
-    watermarks: dict[int, int]  # events partition -> last offset applied, read before the rest
+    watermark: int  # the last offset of the partition applied, read before the rest (-1: none)
     rows: dict[str, dict[str, Any]]  # SKU -> stock row
     top: dict[str, tuple[int, int]]  # SKU -> the version its top-sellers score is at, the score
 
@@ -152,17 +160,20 @@ def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
         # can be ahead of the fold, and one behind it is lag. Read after the log, a live
         # processor's rows for commands decided meanwhile were reported as mismatches.
         table = _read_table(settings, on_progress)
-        read_models = _read_redis(settings)
-        commands = _accepted_commands(settings, report, on_progress)
-        folds = _fold_event_log(settings, report, commands, on_progress)
-        # What _fold_event_log did not find decided. The processor commits a command only once
-        # its decision is in the log and its state saved, so one before the committed offset read
-        # at the start is lost; one after it may not have been reached yet.
-        for command_id, (partition, offset) in sorted(commands.items()):
-            lost = offset < processor.committed.get(partition, 0)
-            (report.lost if lost else report.undecided).append(command_id)
-        report.skus = len(folds)
-        _compare_with_table(report, folds, table)
+        _count_dead_letters(settings, report)
+        for partition in range(settings.partitions):
+            stage = _in_partition(on_progress, partition, settings.partitions)
+            commands = _accepted_commands(settings, report, partition, stage)
+            folds = _fold_and_compare(settings, report, partition, commands, stage)
+            # What the fold did not find decided. The processor commits a command only once its
+            # decision is in the log and its state saved, so one before the committed offset
+            # read at the start is lost; one after it may not have been reached yet.
+            committed = processor.committed.get(partition, 0)
+            for command_id, offset in commands.items():
+                (report.lost if offset < committed else report.undecided).append(command_id)
+            _compare_with_table(report, folds, table)
+        report.lost.sort()
+        report.undecided.sort()
         if quiet is not None and _processor_lag(probe, settings).consumed == quiet:
             # The processor had committed every command before the reads began, and none came
             # while they ran: it commits only what its table saved, so a row behind the log is
@@ -172,7 +183,6 @@ def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
                 for line in report.table_behind
             ]
             report.table_behind = []
-        _compare_with_read_models(report, folds, read_models, settings.order_retention_s > 0, on_progress)
     finally:
         probe.close()
     return report
@@ -185,26 +195,57 @@ def _processor_lag(probe: LagProbe, settings: Settings) -> GroupLag:
 def verify_read_models(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
     """Fold the event log and compare it with the Redis read models alone (a rebuild's check)."""
     report = Report()
-    read_models = _read_redis(settings)
-    folds = _fold_event_log(settings, report, {}, on_progress)
-    report.skus = len(folds)
-    _compare_with_read_models(report, folds, read_models, settings.order_retention_s > 0, on_progress)
+    for partition in range(settings.partitions):
+        _fold_and_compare(
+            settings, report, partition, {}, _in_partition(on_progress, partition, settings.partitions)
+        )
     return report
 
 
-def _accepted_commands(
-    settings: Settings, report: Report, on_progress: OnProgress
-) -> dict[str, tuple[int, int]]:
-    """The ids of the commands the processor decides (not parks), each with the partition and
-    offset of its first copy."""
-    # A repeat of a parked command (the processor crashed before saving) is one dead letter.
+def _in_partition(on_progress: OnProgress, partition: int, partitions: int) -> OnProgress:
+    """``on_progress`` with each stage named with its partition."""
+
+    def show(stage: str, done: int, total: int) -> None:
+        on_progress(f"partition {partition + 1} of {partitions}, {stage}", done, total)
+
+    return show
+
+
+def _fold_and_compare(
+    settings: Settings, report: Report, partition: int, undecided: dict[str, int], on_progress: OnProgress
+) -> dict[str, SkuFold]:
+    """Read the partition's read models, then fold its event log (taking each decided command
+    out of ``undecided``) and compare the two; the fold, for the caller's other checks."""
+    views = _read_redis(settings, partition)
+    folds = _fold_event_log(settings, report, partition, undecided, on_progress)
+    _compare_with_read_models(report, folds, views, settings.order_retention_s > 0, on_progress)
+    return folds
+
+
+def _count_dead_letters(settings: Settings, report: Report) -> None:
+    # A repeat of a parked command (the processor crashed before saving) is one dead letter:
+    # count where each came from, (partition, offset, index in its frame).
     dead = {
         tuple(int(r.headers.get(f"source.{name}", b"-1")) for name in ("partition", "offset", "index"))
         for r in read_topic(settings, settings.dlq_topic)
     }
     report.dead_letters = len(dead)
-    accepted: dict[str, tuple[int, int]] = {}
-    for record in read_topic(settings, settings.commands_topic, on_progress=partial(on_progress, "commands")):
+
+
+def _accepted_commands(
+    settings: Settings, report: Report, partition: int, on_progress: OnProgress
+) -> dict[str, int]:
+    """The ids of the commands on ``partition`` the processor decides (not parks), each with
+    the offset of its first copy. A command id is the processor's to deduplicate on its
+    partition: the same id on another partition (another SKU) is another command."""
+    accepted: dict[str, int] = {}
+    commands = read_topic(
+        settings,
+        settings.commands_topic,
+        on_progress=partial(on_progress, "commands"),
+        partitions=[partition],
+    )
+    for record in commands:
         # By the processor's own checks: a command it parks is in the DLQ, counted there.
         for command_id in decided_command_ids(record, settings.partitions):
             if command_id is None:
@@ -212,19 +253,22 @@ def _accepted_commands(
             if command_id in accepted:
                 report.command_repeats += 1
             else:
-                accepted[command_id] = (record.partition, record.offset)
-    report.commands = len(accepted)
+                accepted[command_id] = record.offset
+    report.commands += len(accepted)
     return accepted
 
 
 def _fold_event_log(
-    settings: Settings, report: Report, undecided: dict[str, tuple[int, int]], on_progress: OnProgress
+    settings: Settings, report: Report, partition: int, undecided: dict[str, int], on_progress: OnProgress
 ) -> dict[str, SkuFold]:
-    """Fold the log per SKU; removes every decided command id from ``undecided``."""
+    """Fold the partition's log per SKU; removes every decided command id from ``undecided``."""
     folds: dict[str, SkuFold] = {}
     first_seen: dict[str, tuple[str, int, int]] = {}  # event id -> (type, version, available)
     decision_of: dict[str, str] = {}  # command id -> event id
-    for record in read_topic(settings, settings.events_topic, on_progress=partial(on_progress, "event log")):
+    log = read_topic(
+        settings, settings.events_topic, on_progress=partial(on_progress, "event log"), partitions=[partition]
+    )
+    for record in log:
         try:
             events = codec.decode_events(record.value)
         except DecodeError:
@@ -261,7 +305,8 @@ def _fold_event_log(
             if problem:
                 report.broken_history.append(f"SKU {event.sku} version {event.version}: {problem}")
             fold.add(event, record.offset)
-    report.decisions = len(first_seen)
+    report.decisions += len(first_seen)
+    report.skus += len(folds)
     return folds
 
 
@@ -307,17 +352,23 @@ def _read_table(settings: Settings, on_progress: OnProgress) -> dict[str, dict[s
     return table
 
 
-def _read_redis(settings: Settings) -> RedisViews:
-    """The partition watermarks, then every SKU's stock row and top-sellers score."""
+def _read_redis(settings: Settings, partition: int) -> RedisViews:
+    """The partition's watermark, then the stock row and top-sellers score of each of its SKUs."""
     client = redis.Redis.from_url(settings.redis_url)
     models = ReadModels(client)
-    watermarks = models.watermarks()
-    rows = {sku: models.stock(sku) for sku in models.skus()}
-    scores: list[tuple[bytes, float]] = client.zrange(TOP_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
-    versions: dict[bytes, bytes] = client.hgetall(TOP_VERSIONS_KEY)  # type: ignore[assignment]
-    units = {sku.decode(): int(score) for sku, score in scores}
-    top = {sku.decode(): (int(version), units.get(sku.decode(), 0)) for sku, version in versions.items()}
-    return RedisViews(client, watermarks, {sku: row for sku, row in rows.items() if row is not None}, top)
+    watermark = models.watermarks().get(partition, -1)
+    skus = [sku for sku in models.skus() if partition_for(sku.encode(), settings.partitions) == partition]
+    rows = {sku: models.stock(sku) for sku in skus}
+    top: dict[str, tuple[int, int]] = {}
+    if skus:
+        versions: list[bytes | None] = client.hmget(TOP_VERSIONS_KEY, skus)  # type: ignore[assignment]
+        scores: list[float | None] = client.zmscore(TOP_KEY, skus)  # type: ignore[assignment]
+        top = {
+            sku: (int(version), int(score or 0))
+            for sku, version, score in zip(skus, versions, scores, strict=True)
+            if version is not None
+        }
+    return RedisViews(client, watermark, {sku: row for sku, row in rows.items() if row is not None}, top)
 
 
 def _compare_with_table(report: Report, folds: dict[str, SkuFold], table: dict[str, dict[str, int]]) -> None:
@@ -401,7 +452,7 @@ def _compare_order_lines(
                     )
                 elif expiring:
                     continue  # it may have expired
-                elif offset <= views.watermarks.get(partition, -1):
+                elif offset <= views.watermark:
                     report.read_model_mismatches.append(
                         f"{where}: not in Redis, though applied up to {partition}@{offset}"
                     )

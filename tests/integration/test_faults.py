@@ -72,6 +72,30 @@ def test_verify_passes_on_a_healthy_pipeline(settings: Settings, stack: LocalSta
     assert report.decisions >= report.commands - report.dead_letters
 
 
+def test_verify_takes_one_command_id_on_two_partitions_for_two_commands(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    # The processor deduplicates a command id on its partition, where a retry lands (it names the
+    # same SKU): a client that reuses an id for a SKU on another partition sends another
+    # command, and both are decided. verify checks a partition at a time, as the processor
+    # decides them, and agrees (checking the whole log at once, it had called them one
+    # command decided twice).
+    first = unique("REUSED")
+    home = partition_for(first.encode(), settings.partitions)
+    second = next(
+        f"{first}-{n}"
+        for n in range(100)
+        if partition_for(f"{first}-{n}".encode(), settings.partitions) != home
+    )
+    command_id = unique("command")
+    publish_all(settings, restock(first, 2, command_id=command_id), restock(second, 3, command_id=command_id))
+    report = quiet_verify(settings)
+    assert report.problems == []
+    models = ReadModels(redis.Redis.from_url(settings.redis_url))
+    decisions = [models.restock_decision(sku, command_id) for sku in (first, second)]
+    assert [(d or {}).get("qty") for d in decisions] == [2, 3]
+
+
 def test_verify_takes_a_table_row_behind_the_log_for_a_mismatch_once_every_command_is_committed(
     settings: Settings, stack: LocalStack, unique: Callable[[str], str]
 ) -> None:
