@@ -153,6 +153,7 @@ def _unshown(stage: str, done: int, total: int) -> None:
 def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
     report = Report()
     probe = LagProbe(settings)
+    client = redis.Redis.from_url(settings.redis_url)
     try:
         processor = _processor_lag(probe, settings)
         quiet = processor.consumed if processor.total == 0 else None
@@ -164,7 +165,7 @@ def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
         for partition in range(settings.partitions):
             stage = _in_partition(on_progress, partition, settings.partitions)
             commands = _accepted_commands(settings, report, partition, stage)
-            folds = _fold_and_compare(settings, report, partition, commands, stage)
+            folds = _fold_and_compare(settings, client, report, partition, commands, stage)
             # What the fold did not find decided. The processor commits a command only once its
             # decision is in the log and its state saved, so one before the committed offset
             # read at the start is lost; one after it may not have been reached yet.
@@ -185,6 +186,7 @@ def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
             report.table_behind = []
     finally:
         probe.close()
+        client.close()
     return report
 
 
@@ -195,10 +197,10 @@ def _processor_lag(probe: LagProbe, settings: Settings) -> GroupLag:
 def verify_read_models(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
     """Fold the event log and compare it with the Redis read models alone (a rebuild's check)."""
     report = Report()
-    for partition in range(settings.partitions):
-        _fold_and_compare(
-            settings, report, partition, {}, _in_partition(on_progress, partition, settings.partitions)
-        )
+    with redis.Redis.from_url(settings.redis_url) as client:
+        for partition in range(settings.partitions):
+            stage = _in_partition(on_progress, partition, settings.partitions)
+            _fold_and_compare(settings, client, report, partition, {}, stage)
     return report
 
 
@@ -212,11 +214,16 @@ def _in_partition(on_progress: OnProgress, partition: int, partitions: int) -> O
 
 
 def _fold_and_compare(
-    settings: Settings, report: Report, partition: int, undecided: dict[str, int], on_progress: OnProgress
+    settings: Settings,
+    client: redis.Redis,
+    report: Report,
+    partition: int,
+    undecided: dict[str, int],
+    on_progress: OnProgress,
 ) -> dict[str, SkuFold]:
     """Read the partition's read models, then fold its event log (taking each decided command
     out of ``undecided``) and compare the two; the fold, for the caller's other checks."""
-    views = _read_redis(settings, partition)
+    views = _read_redis(client, settings.partitions, partition)
     folds = _fold_event_log(settings, report, partition, undecided, on_progress)
     _compare_with_read_models(report, folds, views, settings.order_retention_s > 0, on_progress)
     return folds
@@ -352,22 +359,22 @@ def _read_table(settings: Settings, on_progress: OnProgress) -> dict[str, dict[s
     return table
 
 
-def _read_redis(settings: Settings, partition: int) -> RedisViews:
+def _read_redis(client: redis.Redis, partitions: int, partition: int) -> RedisViews:
     """The partition's watermark, then the stock row and top-sellers score of each of its SKUs."""
-    client = redis.Redis.from_url(settings.redis_url)
     models = ReadModels(client)
     watermark = models.watermarks().get(partition, -1)
-    skus = [sku for sku in models.skus() if partition_for(sku.encode(), settings.partitions) == partition]
+    skus = [sku for sku in models.skus() if partition_for(sku.encode(), partitions) == partition]
     rows = {sku: models.stock(sku) for sku in skus}
-    top: dict[str, tuple[int, int]] = {}
-    if skus:
-        versions: list[bytes | None] = client.hmget(TOP_VERSIONS_KEY, skus)  # type: ignore[assignment]
-        scores: list[float | None] = client.zmscore(TOP_KEY, skus)  # type: ignore[assignment]
-        top = {
-            sku: (int(version), int(score or 0))
-            for sku, version, score in zip(skus, versions, scores, strict=True)
-            if version is not None
-        }
+    pipe = client.pipeline(transaction=False)
+    for sku in skus:
+        pipe.hget(TOP_VERSIONS_KEY, sku)
+        pipe.zscore(TOP_KEY, sku)
+    replies = pipe.execute()
+    top = {
+        sku: (int(version), int(score or 0))
+        for sku, version, score in zip(skus, replies[::2], replies[1::2], strict=True)
+        if version is not None
+    }
     return RedisViews(client, watermark, {sku: row for sku, row in rows.items() if row is not None}, top)
 
 
