@@ -78,7 +78,7 @@ def test_the_local_broker_takes_the_settings_login_when_asked(tmp_path: Path) ->
     assert "listeners=PLAINTEXT://" in plain and "sasl" not in plain
     secured = Settings.model_validate({"kafka_security_protocol": "SASL_PLAINTEXT", **SASL})
     properties = LocalStack(secured, say=lambda _msg: None)._server_properties(tmp_path)
-    assert "listeners=SASL_PLAINTEXT://127.0.0.1:9092,CONTROLLER://" in properties
+    assert f"listeners=SASL_PLAINTEXT://127.0.0.1:{secured.kafka_port},CONTROLLER://" in properties
     assert 'username="app" password="hunter2" user_app="hunter2";' in properties
 
 
