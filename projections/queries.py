@@ -52,23 +52,37 @@ def order_not_found(order_id: str, retention_s: float) -> str:
     return reason
 
 
+def _stock_row(
+    sku: str, raw: dict[bytes, bytes], recent: list[bytes], restocks: list[bytes]
+) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    row: dict[str, Any] = {"sku": sku}
+    row.update({_text(k): int(v) for k, v in raw.items()})
+    for counter in STOCK_COUNTERS:
+        row.setdefault(counter, 0)
+    row["recent_orders"] = [_text(order_id) for order_id in recent]
+    row["recent_restocks"] = [json.loads(document) for document in restocks]
+    return row
+
+
 class ReadModels:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
 
     def stock(self, sku: str) -> dict[str, Any] | None:
         """Stock of one SKU, or None if no event about it has been projected yet."""
-        raw: dict[bytes, bytes] = self._redis.hgetall(stock_key(sku))  # type: ignore[assignment]
-        if not raw:
-            return None
-        row: dict[str, Any] = {"sku": sku}
-        row.update({_text(k): int(v) for k, v in raw.items()})
-        for counter in STOCK_COUNTERS:
-            row.setdefault(counter, 0)
-        recent: list[bytes] = self._redis.lrange(recent_key(sku), 0, -1)  # type: ignore[assignment]
-        row["recent_orders"] = [_text(order_id) for order_id in recent]
-        row["recent_restocks"] = self.restocks(sku)
-        return row
+        return self.stocks([sku])[0]
+
+    def stocks(self, skus: list[str]) -> list[dict[str, Any] | None]:
+        """``stock`` of each SKU, in one round trip (verify reads every SKU's)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for sku in skus:
+            pipe.hgetall(stock_key(sku))
+            pipe.lrange(recent_key(sku), 0, -1)
+            pipe.lrange(restocks_key(sku), 0, -1)
+        replies = pipe.execute()
+        return [_stock_row(sku, *replies[3 * i : 3 * i + 3]) for i, sku in enumerate(skus)]
 
     def restocks(self, sku: str) -> list[dict[str, Any]]:
         """The SKU's newest restock decisions, newest first (``store.RECENT_RESTOCKS``)."""

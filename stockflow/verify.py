@@ -161,11 +161,12 @@ def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
         # can be ahead of the fold, and one behind it is lag. Read after the log, a live
         # processor's rows for commands decided meanwhile were reported as mismatches.
         table = _read_table(settings, on_progress)
+        skus = _skus_by_partition(client, settings.partitions)
         _count_dead_letters(settings, report)
         for partition in range(settings.partitions):
             stage = _in_partition(on_progress, partition, settings.partitions)
             commands = _accepted_commands(settings, report, partition, stage)
-            folds = _fold_and_compare(settings, client, report, partition, commands, stage)
+            folds = _fold_and_compare(settings, client, skus[partition], report, partition, commands, stage)
             # What the fold did not find decided. The processor commits a command only once its
             # decision is in the log and its state saved, so one before the committed offset
             # read at the start is lost; one after it may not have been reached yet.
@@ -198,9 +199,10 @@ def verify_read_models(settings: Settings, on_progress: OnProgress = _unshown) -
     """Fold the event log and compare it with the Redis read models alone (a rebuild's check)."""
     report = Report()
     with redis.Redis.from_url(settings.redis_url) as client:
+        skus = _skus_by_partition(client, settings.partitions)
         for partition in range(settings.partitions):
             stage = _in_partition(on_progress, partition, settings.partitions)
-            _fold_and_compare(settings, client, report, partition, {}, stage)
+            _fold_and_compare(settings, client, skus[partition], report, partition, {}, stage)
     return report
 
 
@@ -216,14 +218,16 @@ def _in_partition(on_progress: OnProgress, partition: int, partitions: int) -> O
 def _fold_and_compare(
     settings: Settings,
     client: redis.Redis,
+    skus: list[str],
     report: Report,
     partition: int,
     undecided: dict[str, int],
     on_progress: OnProgress,
 ) -> dict[str, SkuFold]:
-    """Read the partition's read models, then fold its event log (taking each decided command
-    out of ``undecided``) and compare the two; the fold, for the caller's other checks."""
-    views = _read_redis(client, settings.partitions, partition)
+    """Read the read models of the partition's ``skus``, then fold its event log (taking each
+    decided command out of ``undecided``) and compare the two; the fold, for the caller's other
+    checks."""
+    views = _read_redis(client, skus, partition)
     folds = _fold_event_log(settings, report, partition, undecided, on_progress)
     _compare_with_read_models(report, folds, views, settings.order_retention_s > 0, on_progress)
     return folds
@@ -359,12 +363,20 @@ def _read_table(settings: Settings, on_progress: OnProgress) -> dict[str, dict[s
     return table
 
 
-def _read_redis(client: redis.Redis, partitions: int, partition: int) -> RedisViews:
-    """The partition's watermark, then the stock row and top-sellers score of each of its SKUs."""
+def _skus_by_partition(client: redis.Redis, partitions: int) -> dict[int, list[str]]:
+    """The SKUs the read models have, by partition. Read once, before any of the log: a SKU
+    first projected since is one whose row is not read, and shows as behind the log."""
+    skus: dict[int, list[str]] = {partition: [] for partition in range(partitions)}
+    for sku in ReadModels(client).skus():
+        skus[partition_for(sku.encode(), partitions)].append(sku)
+    return skus
+
+
+def _read_redis(client: redis.Redis, skus: list[str], partition: int) -> RedisViews:
+    """The partition's watermark, then the stock row and top-sellers score of each of ``skus``."""
     models = ReadModels(client)
     watermark = models.watermarks().get(partition, -1)
-    skus = [sku for sku in models.skus() if partition_for(sku.encode(), partitions) == partition]
-    rows = {sku: models.stock(sku) for sku in skus}
+    rows = dict(zip(skus, models.stocks(skus), strict=True))
     pipe = client.pipeline(transaction=False)
     for sku in skus:
         pipe.hget(TOP_VERSIONS_KEY, sku)
