@@ -556,7 +556,7 @@ def status(
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes.")] = 1.0,
 ) -> None:
     """Lag per partition of the processor and projection groups, who holds each partition, and
-    rates; refreshes until Ctrl-C.
+    rates, and how many dead letters each DLQ topic holds; refreshes until Ctrl-C.
 
     Example: `stockflow status --once --json`
     """
@@ -570,14 +570,16 @@ def status(
     endpoints = metric_endpoints(settings)
     if as_json:
         groups = {g.group: g.as_json() for g in probe.read()}
-        print(json.dumps({"groups": groups, "metrics": endpoints}, indent=2))
+        report = {"groups": groups, "dead_letters": probe.dead_letters(), "metrics": endpoints}
+        print(json.dumps(report, indent=2))
         return
 
     def snapshot(previous: tuple[float, list[GroupLag]] | None) -> tuple[Table, tuple[float, list[GroupLag]]]:
         now, lags, held = time.monotonic(), probe.read(), probe.assignments()
-        caption = (
-            "metrics: " + ", ".join(f"{name} {url}" for name, url in endpoints.items()) if endpoints else None
-        )
+        dead = ", ".join(f"{topic} {count:,}" for topic, count in probe.dead_letters().items())
+        caption = f"dead letters: {dead} (`stockflow dlq list` says why)"
+        if endpoints:
+            caption += "\nmetrics: " + ", ".join(f"{name} {url}" for name, url in endpoints.items())
         table = Table("group", "partition", "lag", "held by", title="stockflow status", caption=caption)
         for i, group in enumerate(lags):
             rate = ""

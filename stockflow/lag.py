@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]  # untyped export
@@ -33,6 +33,7 @@ BROKER_SETTLING = {
 }
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What AdminClient.list_offsets is asked for: a partition's end, or its first offset still kept.
 END_OFFSET: Any = OffsetSpec.latest()  # type: ignore[no-untyped-call]
@@ -89,27 +90,41 @@ class LagProbe:
         self._admin: AdminClient | None = None  # made at the first use
 
     def read(self, timeout_s: float = 5.0) -> list[GroupLag]:
+        def lags() -> list[GroupLag]:
+            ends = self._offsets(self._every_partition(self._groups.values()), END_OFFSET, timeout_s)
+            return [self._group_lag(group, topic, ends, timeout_s) for group, topic in self._groups.items()]
+
+        return self._asked("consumer lag", lags, timeout_s)
+
+    def dead_letters(self, timeout_s: float = 5.0) -> dict[str, int]:
+        """Messages each dead letter topic holds (the commands', the events'). They stay there
+        (a redrive publishes a copy), so a count that grows means commands or events are being
+        parked now: `stockflow dlq list` says why."""
+        topics = [self._settings.dlq_topic, self._settings.events_dlq_topic]
+
+        def held() -> dict[str, int]:
+            wanted = self._every_partition(topics)
+            ends = self._offsets(wanted, END_OFFSET, timeout_s)
+            firsts = self._offsets(wanted, FIRST_OFFSET, timeout_s)
+            return {topic: sum(ends[k] - firsts[k] for k in ends if k[0] == topic) for topic in topics}
+
+        return self._asked("the dead letter topics", held, timeout_s)
+
+    def _every_partition(self, topics: Iterable[str]) -> list[TopicPartition]:
+        return [TopicPartition(topic, p) for topic in topics for p in range(self._settings.partitions)]
+
+    def _asked(self, what: str, ask: Callable[[], T], timeout_s: float) -> T:
+        """``ask()``, again while the broker settles (for up to ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                ends = self._offsets(
-                    [
-                        TopicPartition(t, p)
-                        for t in self._groups.values()
-                        for p in range(self._settings.partitions)
-                    ],
-                    END_OFFSET,
-                    timeout_s,
-                )
-                return [
-                    self._group_lag(group, topic, ends, timeout_s) for group, topic in self._groups.items()
-                ]
+                return ask()
             except KafkaException as exc:
                 if exc.args[0].code() in BROKER_SETTLING and time.monotonic() < deadline:
                     time.sleep(0.2)
                     continue
                 raise StackError(
-                    f"cannot read consumer lag from Kafka at {self._settings.bootstrap_servers}: {exc};"
+                    f"cannot read {what} from Kafka at {self._settings.bootstrap_servers}: {exc};"
                     f" is the stack up (`stockflow stack status`)? Check {self._settings.kafka_settings()}"
                 ) from exc
 

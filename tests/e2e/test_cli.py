@@ -194,6 +194,13 @@ def test_stack_status_names_each_process(settings: Settings, stack: LocalStack) 
 def test_a_dead_letter_is_listed_and_a_repaired_one_is_redriven(
     settings: Settings, unique: Callable[[str], str]
 ) -> None:
+    def parked() -> int:
+        status = stockflow(settings, "status", "--once", "--json")
+        assert status.returncode == 0, status.stderr
+        count: int = json.loads(status.stdout)["dead_letters"][settings.dlq_topic]
+        return count
+
+    before = parked()
     sku = unique("SKU")
     stray = restock(sku, 9)  # valid, but produced on the wrong partition: parked
     garbage = b"junk " + unique("junk").encode()
@@ -209,6 +216,7 @@ def test_a_dead_letter_is_listed_and_a_repaired_one_is_redriven(
         return found if len(found) == 2 else None
 
     by_type = wait_for("both dead letters in `stockflow dlq list`", ours)
+    assert parked() >= before + 2  # `stockflow status` counts them (other tests may park more)
     assert "belongs on partition" in by_type["WrongPartition"]["reason"]
     assert "not an Avro single-object frame" in by_type["DecodeError"]["reason"]
 
@@ -239,6 +247,7 @@ def test_status_json_reports_the_lag_of_every_partition_of_both_groups(
     table = stockflow(settings, "status", "--once")
     assert table.returncode == 0, table.stderr
     assert settings.projection_group in table.stdout and "held by" in table.stdout
+    assert f"dead letters: {settings.dlq_topic}" in " ".join(table.stdout.split())
 
 
 @pytest.mark.usefixtures("stack")
