@@ -34,16 +34,12 @@ def read_topic(
     topic: str,
     timeout_s: float = 30.0,
     on_progress: Callable[[int, int], None] | None = None,
-    partitions: Iterable[int] | None = None,
 ) -> Iterator[Logged]:
-    """Every record in ``topic`` (in ``partitions`` only, if given) up to the end offsets it
-    has when reading starts.
+    """Every record in ``topic`` up to the end offsets it has when reading starts.
 
-    ``on_progress(offsets covered, offsets in all)``, all partitions read, every PROGRESS_EVERY
+    ``on_progress(offsets covered, offsets in all)``, all partitions, every PROGRESS_EVERY
     records and at the end."""
     ends = end_offsets(settings, topic, timeout_s)
-    if partitions is not None:
-        ends = {partition: ends[partition] for partition in partitions if partition in ends}
     # Assigned as soon as it is made: assigned later, even by 50 ms, a consumer got its first
     # record about a second after it was made (librdkafka waits to refresh its metadata).
     consumer = _reader(settings, {"enable.partition.eof": False})
@@ -67,6 +63,49 @@ def read_topic(
             yield _logged(message, topic, partition, offset)
     finally:
         consumer.close()
+
+
+class PartitionReader:
+    """Reads the partitions of one topic one at a time, each to the end it has when its reading
+    starts, through one consumer: one connection and one login for all of them. (A consumer
+    made and closed for each partition of a SCRAM login logged an authentication error each
+    time, closed while its connection to the group coordinator was still logging in.)"""
+
+    def __init__(self, settings: Settings, topic: str, timeout_s: float = 30.0) -> None:
+        self._topic, self._timeout_s = topic, timeout_s
+        self._consumer = _reader(settings, {"enable.partition.eof": False})
+
+    def read(self, partition: int, on_progress: Callable[[int, int], None] | None = None) -> Iterator[Logged]:
+        """Every record of ``partition``; ``on_progress(offsets covered, offsets in all)``
+        every PROGRESS_EVERY records and at the end."""
+        first, end = _watermarks(self._consumer, TopicPartition(self._topic, partition), self._timeout_s)
+        if end <= first:
+            return
+        # This consumer knows the topic's leaders by now: assigned, it fetches at once.
+        self._consumer.assign([TopicPartition(self._topic, partition, first)])
+        count = 0
+        while True:
+            message = self._consumer.poll(self._timeout_s)
+            if message is None:
+                raise StackError(f"reading {self._topic}[{partition}] stalled before offset {end - 1}")
+            offset = message.offset()
+            if message.error() is not None or offset is None or message.partition() != partition:
+                continue  # fetched for the partition read before, before its assignment ended
+            count += 1
+            if on_progress is not None and (count % PROGRESS_EVERY == 0 or offset >= end - 1):
+                on_progress(offset + 1 - first, end - first)
+            yield _logged(message, self._topic, partition, offset)
+            if offset >= end - 1:
+                return
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> PartitionReader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def _reader(settings: Settings, options: dict[str, bool | str]) -> Consumer:

@@ -40,7 +40,7 @@ from schemas.records import (
 )
 from stockflow.errors import DecodeError
 from stockflow.lag import GroupLag, LagProbe
-from stockflow.logreader import read_topic
+from stockflow.logreader import PartitionReader, read_topic
 from stockflow.partitioning import partition_for
 from stockflow.settings import Settings
 from stockflow.topics import changelog_topic
@@ -154,6 +154,8 @@ def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
     report = Report()
     probe = LagProbe(settings)
     client = redis.Redis.from_url(settings.redis_url)
+    commands_log = PartitionReader(settings, settings.commands_topic)
+    events_log = PartitionReader(settings, settings.events_topic)
     try:
         processor = _processor_lag(probe, settings)
         quiet = processor.consumed if processor.total == 0 else None
@@ -165,8 +167,10 @@ def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
         _count_dead_letters(settings, report)
         for partition in range(settings.partitions):
             stage = _in_partition(on_progress, partition, settings.partitions)
-            commands = _accepted_commands(settings, report, partition, stage)
-            folds = _fold_and_compare(settings, client, skus[partition], report, partition, commands, stage)
+            commands = _accepted_commands(settings, commands_log, report, partition, stage)
+            folds = _fold_and_compare(
+                settings, events_log, client, skus[partition], report, partition, commands, stage
+            )
             # What the fold did not find decided. The processor commits a command only once its
             # decision is in the log and its state saved, so one before the committed offset
             # read at the start is lost; one after it may not have been reached yet.
@@ -188,6 +192,8 @@ def verify(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
     finally:
         probe.close()
         client.close()
+        commands_log.close()
+        events_log.close()
     return report
 
 
@@ -198,11 +204,14 @@ def _processor_lag(probe: LagProbe, settings: Settings) -> GroupLag:
 def verify_read_models(settings: Settings, on_progress: OnProgress = _unshown) -> Report:
     """Fold the event log and compare it with the Redis read models alone (a rebuild's check)."""
     report = Report()
-    with redis.Redis.from_url(settings.redis_url) as client:
+    with (
+        redis.Redis.from_url(settings.redis_url) as client,
+        PartitionReader(settings, settings.events_topic) as events_log,
+    ):
         skus = _skus_by_partition(client, settings.partitions)
         for partition in range(settings.partitions):
             stage = _in_partition(on_progress, partition, settings.partitions)
-            _fold_and_compare(settings, client, skus[partition], report, partition, {}, stage)
+            _fold_and_compare(settings, events_log, client, skus[partition], report, partition, {}, stage)
     return report
 
 
@@ -217,6 +226,7 @@ def _in_partition(on_progress: OnProgress, partition: int, partitions: int) -> O
 
 def _fold_and_compare(
     settings: Settings,
+    events_log: PartitionReader,
     client: redis.Redis,
     skus: list[str],
     report: Report,
@@ -228,7 +238,7 @@ def _fold_and_compare(
     decided command out of ``undecided``) and compare the two; the fold, for the caller's other
     checks."""
     views = _read_redis(client, skus, partition)
-    folds = _fold_event_log(settings, report, partition, undecided, on_progress)
+    folds = _fold_event_log(settings, events_log, report, partition, undecided, on_progress)
     _compare_with_read_models(report, folds, views, settings.order_retention_s > 0, on_progress)
     return folds
 
@@ -244,19 +254,13 @@ def _count_dead_letters(settings: Settings, report: Report) -> None:
 
 
 def _accepted_commands(
-    settings: Settings, report: Report, partition: int, on_progress: OnProgress
+    settings: Settings, commands_log: PartitionReader, report: Report, partition: int, on_progress: OnProgress
 ) -> dict[str, int]:
     """The ids of the commands on ``partition`` the processor decides (not parks), each with
     the offset of its first copy. A command id is the processor's to deduplicate on its
     partition: the same id on another partition (another SKU) is another command."""
     accepted: dict[str, int] = {}
-    commands = read_topic(
-        settings,
-        settings.commands_topic,
-        on_progress=partial(on_progress, "commands"),
-        partitions=[partition],
-    )
-    for record in commands:
+    for record in commands_log.read(partition, partial(on_progress, "commands")):
         # By the processor's own checks: a command it parks is in the DLQ, counted there.
         for command_id in decided_command_ids(record, settings.partitions):
             if command_id is None:
@@ -270,16 +274,18 @@ def _accepted_commands(
 
 
 def _fold_event_log(
-    settings: Settings, report: Report, partition: int, undecided: dict[str, int], on_progress: OnProgress
+    settings: Settings,
+    events_log: PartitionReader,
+    report: Report,
+    partition: int,
+    undecided: dict[str, int],
+    on_progress: OnProgress,
 ) -> dict[str, SkuFold]:
     """Fold the partition's log per SKU; removes every decided command id from ``undecided``."""
     folds: dict[str, SkuFold] = {}
     first_seen: dict[str, tuple[str, int, int]] = {}  # event id -> (type, version, available)
     decision_of: dict[str, str] = {}  # command id -> event id
-    log = read_topic(
-        settings, settings.events_topic, on_progress=partial(on_progress, "event log"), partitions=[partition]
-    )
-    for record in log:
+    for record in events_log.read(partition, partial(on_progress, "event log")):
         try:
             events = codec.decode_events(record.value)
         except DecodeError:
