@@ -25,6 +25,11 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from confluent_kafka import KafkaException
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # untyped exports
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
+)
 
 from stockflow.errors import StackError
 from stockflow.settings import Settings
@@ -72,14 +77,20 @@ auto.create.topics.enable=false
 log.cleaner.dedupe.buffer.size=16777216
 """
 
-# With a SASL protocol: clients log in with the one user the settings name (PLAIN), which the
-# broker also logs in as to itself.
+# With a SASL protocol: clients log in as the one user the settings name, with PLAIN or SCRAM,
+# and the broker logs in as that user to itself with PLAIN. SCRAM checks a login against
+# credentials kept in the cluster's metadata, which the stack stores through a PLAIN login once
+# the broker is up (_store_scram_credentials).
 _SASL_PROPERTIES = """\
-sasl.enabled.mechanisms=PLAIN
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
 sasl.mechanism.inter.broker.protocol=PLAIN
 listener.name.{listener}.plain.sasl.jaas.config=\
 org.apache.kafka.common.security.plain.PlainLoginModule required \
 username="{user}" password="{password}" user_{user}="{password}";
+listener.name.{listener}.scram-sha-256.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.{listener}.scram-sha-512.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required;
 """
 # With SSL or SASL_SSL: the broker's key and certificate, signed by the stack's own CA, and that
 # CA to trust when it connects to itself.
@@ -394,16 +405,28 @@ class LocalStack:
             ]
         )
 
-        def broker_answers() -> bool:
+        # Whatever the clients' mechanism, the broker takes the settings' user with PLAIN: the
+        # login that can store a SCRAM one.
+        plain = self.settings.model_copy(update={"kafka_sasl_mechanism": "PLAIN"})
+
+        def broker_answers(settings: Settings) -> bool:
             # Knock on the port first: a Kafka client pointed at a closed port logs every retry.
-            if not port_open(self.settings.kafka_port):
+            if not port_open(settings.kafka_port):
                 return False
             try:
-                return bool(admin_client(self.settings).list_topics(timeout=5).brokers)
+                return bool(admin_client(settings).list_topics(timeout=5).brokers)
             except KafkaException:
                 return False
 
-        self._wait("Kafka", self.kafka, broker_answers, timeout_s=90)
+        self._wait("Kafka", self.kafka, lambda: broker_answers(plain), timeout_s=90)
+        if self.settings.kafka_sasl and self.settings.kafka_sasl_mechanism != "PLAIN":
+            _store_scram_credentials(plain, self.settings.kafka_sasl_mechanism)
+            self._wait(
+                f"Kafka to take {self.settings.kafka_sasl_mechanism} logins",
+                self.kafka,
+                lambda: broker_answers(self.settings),
+                timeout_s=30,
+            )
         self.say(
             f"Kafka {self.settings.kafka_version} up on {self.settings.bootstrap_servers}"
             f" (logs: {self.kafka.log_file.parent})"
@@ -428,12 +451,6 @@ class LocalStack:
             partitions=settings.partitions,
         )
         if settings.kafka_sasl:
-            if settings.kafka_sasl_mechanism != "PLAIN":
-                raise StackError(
-                    "the local stack's broker takes SASL logins with PLAIN, not"
-                    f" {settings.kafka_sasl_mechanism}: set STOCKFLOW_KAFKA_SASL_MECHANISM=PLAIN, or"
-                    " point STOCKFLOW_BOOTSTRAP_SERVERS at your own cluster"
-                )
             user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
             if not (_SASL_USER.fullmatch(user) and _PLAIN_SECRET.fullmatch(password)):
                 raise StackError(
@@ -592,3 +609,21 @@ class LocalStack:
             pid = process.pid()
             rows.append(ProcessStatus(process.name, pid, pid is not None, str(process.log_file)))
         return rows
+
+
+def _store_scram_credentials(plain: Settings, mechanism: str) -> None:
+    """Store the settings' user and password as a ``mechanism`` (SCRAM-SHA-256 or -512) login in
+    the local broker's metadata, logged in with PLAIN: on every start, so a changed password
+    takes, and a stack first started with another protocol takes SCRAM logins too."""
+    scram = ScramMechanism.SCRAM_SHA_256 if mechanism == "SCRAM-SHA-256" else ScramMechanism.SCRAM_SHA_512
+    upsert = UserScramCredentialUpsertion(
+        plain.kafka_sasl_username, ScramCredentialInfo(scram, 4096), plain.kafka_sasl_password.encode()
+    )
+    admin = admin_client(plain)  # held until the answer: a client freed meanwhile drops its requests
+    for future in admin.alter_user_scram_credentials([upsert]).values():
+        try:
+            future.result(timeout=30)
+        except KafkaException as exc:
+            raise StackError(
+                f"could not store the {mechanism} login of the local broker's user: {exc}"
+            ) from exc

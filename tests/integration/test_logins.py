@@ -1,6 +1,6 @@
 """Stacks that want logins: a broker that takes TLS connections only, with and without SASL
-logins, and with SASL a Redis that wants a password. Every client, Faust's included, must
-connect that way."""
+logins (PLAIN), one that takes SCRAM logins without TLS, and with SASL a Redis that wants a
+password. Every client, Faust's included, must connect that way."""
 
 from __future__ import annotations
 
@@ -26,13 +26,18 @@ pytestmark = pytest.mark.integration
 REDIS_PASSWORD = "redis-" + uuid.uuid4().hex
 
 
-@pytest.fixture(scope="module", params=["SSL", "SASL_SSL"])
+@pytest.fixture(
+    scope="module",
+    params=[("SSL", "PLAIN"), ("SASL_SSL", "PLAIN"), ("SASL_PLAINTEXT", "SCRAM-SHA-512")],
+    ids=["SSL", "SASL_SSL-PLAIN", "SASL_PLAINTEXT-SCRAM"],
+)
 def secured(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, docker_mode: bool
 ) -> Iterator[Settings]:
-    """A broker of its own on TLS (a certificate of the stack's own CA), with SASL (PLAIN) or
-    without, Redis (with SASL, wanting a password), a processor and a projection worker, all
-    connecting with these settings; stopped at the end."""
+    """A broker of its own on TLS (a certificate of the stack's own CA) with SASL (PLAIN) or
+    without, or with SCRAM logins and no TLS; Redis (with SASL, wanting a password), a
+    processor and a projection worker, all connecting with these settings; stopped at the end."""
+    protocol, mechanism = request.param
     if docker_mode:
         pytest.skip("needs a broker of its own, which only the local stack starts")
     run_dir = tmp_path_factory.mktemp("tls-stack")
@@ -49,11 +54,14 @@ def secured(
         "run_dir": run_dir,
         "cache_dir": REPO / ".stockflow" / "cache",
         "partitions": 2,
-        "kafka_security_protocol": request.param,
-        **(login if request.param == "SASL_SSL" else {}),
+        "kafka_security_protocol": protocol,
+        "kafka_sasl_mechanism": mechanism,
+        **(login if protocol.startswith("SASL") else {}),
     }
-    ca_file = LocalStack(Settings.model_validate(fields)).tls_ca_file  # made when the broker starts
-    mine = Settings.model_validate(fields | {"kafka_ssl_ca_file": str(ca_file)})
+    if protocol.endswith("SSL"):
+        ca_file = LocalStack(Settings.model_validate(fields)).tls_ca_file  # made when the broker starts
+        fields["kafka_ssl_ca_file"] = str(ca_file)
+    mine = Settings.model_validate(fields)
     with pipeline_stack(mine):
         yield mine
 
@@ -79,11 +87,10 @@ def test_commands_are_decided_and_projected_through_a_broker_that_wants_tls(secu
 
 
 def test_a_client_connecting_the_wrong_way_is_told_which_settings_to_check(secured: Settings) -> None:
-    wrong_ways = [
-        ({"kafka_security_protocol": "PLAINTEXT"}, "STOCKFLOW_KAFKA_SECURITY_PROTOCOL (PLAINTEXT)"),
-        ({"kafka_ssl_ca_file": ""}, "STOCKFLOW_KAFKA_SSL_CA_FILE (empty: the system CAs)"),  # not trusted
-    ]
-    if secured.kafka_security_protocol == "SASL_SSL":
+    wrong_ways = [({"kafka_security_protocol": "PLAINTEXT"}, "STOCKFLOW_KAFKA_SECURITY_PROTOCOL (PLAINTEXT)")]
+    if secured.kafka_tls:  # a CA that did not sign the broker's certificate
+        wrong_ways.append(({"kafka_ssl_ca_file": ""}, "STOCKFLOW_KAFKA_SSL_CA_FILE (empty: the system CAs)"))
+    if secured.kafka_sasl:
         wrong_ways.append(({"kafka_sasl_password": "wrong"}, "_SASL_PASSWORD"))
     for change, named in wrong_ways:
         publisher = Publisher(secured.model_copy(update={**change, "backpressure_high_water": 0}))
