@@ -62,8 +62,12 @@ def _stock_row(
     for counter in STOCK_COUNTERS:
         row.setdefault(counter, 0)
     row["recent_orders"] = [_text(order_id) for order_id in recent]
-    row["recent_restocks"] = [json.loads(document) for document in restocks]
+    row["recent_restocks"] = _documents(restocks)
     return row
+
+
+def _documents(raw: list[bytes]) -> list[dict[str, Any]]:
+    return [json.loads(document) for document in raw]
 
 
 class ReadModels:
@@ -93,7 +97,7 @@ class ReadModels:
         pipe = self._redis.pipeline(transaction=False)
         for sku in skus:
             pipe.lrange(restocks_key(sku), 0, -1)
-        return [[json.loads(document) for document in documents] for documents in pipe.execute()]
+        return [_documents(documents) for documents in pipe.execute()]
 
     def restock_decision(self, sku: str, command_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
         """The decision about restock ``command_id`` of ``sku`` (status "replenished" or
