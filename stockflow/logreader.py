@@ -73,15 +73,23 @@ class PartitionReader:
 
     def __init__(self, settings: Settings, topic: str, timeout_s: float = 30.0) -> None:
         self._topic, self._timeout_s = topic, timeout_s
-        self._consumer = _reader(settings, {"enable.partition.eof": False})
+        # A start no longer kept reads what is left.
+        self._consumer = _reader(settings, {"enable.partition.eof": False, "auto.offset.reset": "earliest"})
 
-    def read(self, partition: int, on_progress: Callable[[int, int], None] | None = None) -> Iterator[Logged]:
-        """Every record of ``partition``; ``on_progress(offsets covered, offsets in all)``
-        every PROGRESS_EVERY records and at the end."""
-        first, end = _watermarks(self._consumer, TopicPartition(self._topic, partition), self._timeout_s)
+    def read(
+        self,
+        partition: int,
+        on_progress: Callable[[int, int], None] | None = None,
+        span: tuple[int, int] | None = None,
+    ) -> Iterator[Logged]:
+        """The records of ``partition`` with offsets in ``span``, [start, end) (default: all it
+        holds); ``on_progress(offsets covered, offsets in all)`` every PROGRESS_EVERY records
+        and at the end."""
+        tp = TopicPartition(self._topic, partition)
+        first, end = span or _watermarks(self._consumer, tp, self._timeout_s)
         if end <= first:
             return
-        # This consumer knows the topic's leaders by now: assigned, it fetches at once.
+        # Assigned when the consumer is new, or knows the topic's leaders: it fetches at once.
         self._consumer.assign([TopicPartition(self._topic, partition, first)])
         count = 0
         while True:
@@ -91,6 +99,8 @@ class PartitionReader:
             offset = message.offset()
             if message.error() is not None or offset is None or message.partition() != partition:
                 continue  # fetched for the partition read before, before its assignment ended
+            if offset >= end:
+                return  # the offsets up to the end held no record (a span's end past a gap)
             count += 1
             if on_progress is not None and (count % PROGRESS_EVERY == 0 or offset >= end - 1):
                 on_progress(offset + 1 - first, end - first)
@@ -177,25 +187,8 @@ def _headers(
 
 def read_range(settings: Settings, topic: str, partition: int, start: int, end: int) -> list[Logged]:
     """The records of one partition with offsets in [start, end), in offset order."""
-    consumer = _reader(settings, {"auto.offset.reset": "earliest"})  # start gone: read what is left
-    records: list[Logged] = []
-    try:
-        consumer.assign([TopicPartition(topic, partition, start)])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            message = consumer.poll(1.0)
-            if message is None or message.error() is not None:
-                continue
-            offset = message.offset()
-            assert offset is not None
-            if offset >= end:
-                return records
-            records.append(_logged(message, topic, partition, offset))
-            if offset == end - 1:
-                return records
-        raise StackError(f"could not read {topic}[{partition}] offsets {start}..{end - 1} within 60s")
-    finally:
-        consumer.close()
+    with PartitionReader(settings, topic, timeout_s=60.0) as reader:
+        return list(reader.read(partition, span=(start, end)))
 
 
 @dataclass
