@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from stockflow.errors import InvalidCommand, StockflowError
+from stockflow.errors import InvalidCommand, StackError, StockflowError
 from stockflow.lag import Overloaded
 from stockflow.metrics import serve as serve_metrics
 from stockflow.settings import Settings
@@ -104,6 +104,31 @@ def stack_up(
     stack.start_workers("projection", projections)
     if api:
         stack.start_api()
+
+
+@stack_app.command("scale")
+def stack_scale(
+    processors: Annotated[int | None, typer.Option(min=0, help="Processor workers to run.")] = None,
+    projections: Annotated[int | None, typer.Option(min=0, help="Projection workers to run.")] = None,
+) -> None:
+    """Start or stop background workers until exactly that many of each kind named run.
+
+    A stopped worker finishes its batch and hands its partitions to the others at once. More
+    workers of a kind than partitions leave the extra ones idle.
+
+    Example: `stockflow stack scale --processors 2 --projections 2`
+    """
+    from stockflow.stack import LocalStack
+
+    if processors is None and projections is None:
+        errors.print("say how many workers: --processors N, --projections N, or both")
+        raise typer.Exit(2)
+    stack = LocalStack(Settings(), say=console.print)
+    if not (stack.kafka.running() and stack.redis.running()):
+        raise StackError("the local stack is not running: start it with `stockflow stack up`")
+    for kind, count in (("processor", processors), ("projection", projections)):
+        if count is not None:
+            stack.scale_workers(kind, count)
 
 
 @stack_app.command("down")

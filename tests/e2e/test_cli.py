@@ -44,6 +44,7 @@ def stockflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str
         ["stack", "up"],
         ["stack", "down"],
         ["stack", "status"],
+        ["stack", "scale"],
         ["worker", "processor"],
         ["worker", "projection"],
         ["publish", "order"],
@@ -85,6 +86,7 @@ def test_every_command_has_help(command: list[str]) -> None:
         ("rebuild", "cannot reach Kafka", "STOCKFLOW_BOOTSTRAP_SERVERS"),
         ("status --once", "cannot reach Kafka", "STOCKFLOW_BOOTSTRAP_SERVERS"),
         ("dlq list", "cannot reach Kafka", "STOCKFLOW_BOOTSTRAP_SERVERS"),
+        ("stack scale --processors 2", "the local stack is not running", "stockflow stack up"),
     ],
 )
 def test_a_stack_that_is_not_up_is_one_error_naming_what_to_set(
@@ -110,6 +112,7 @@ def test_a_stack_that_is_not_up_is_one_error_naming_what_to_set(
         ("query top -n 0", "-n"),  # Redis read -n 0 as every SKU
         ("verify --wait -1", "--wait"),
         ("rebuild --workers 0", "--workers"),
+        ("stack scale --processors -1", "--processors"),
         ("query stock SKU-\udcff", "SKU"),  # the byte 0xff: not UTF-8
         ("query order o-\udcff", "ORDER_ID"),
     ],
@@ -121,6 +124,13 @@ def test_an_option_out_of_range_is_refused_naming_it_before_anything_runs(
     result = stockflow(nothing, *command.split())
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"Invalid value for '{option}'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stack_scale_without_a_count_says_which_options_take_one(tmp_path: Path) -> None:
+    nothing = Settings(kafka_port=free_port(), redis_port=free_port(), run_dir=tmp_path)
+    result = stockflow(nothing, "stack", "scale")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--processors N" in result.stderr and "--projections N" in result.stderr
 
 
 @pytest.mark.usefixtures("stack")

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 
@@ -100,9 +101,10 @@ def test_two_workers_of_each_kind_share_the_partitions_and_survive_losing_one(
         probe.close()
 
 
-def held_by(probe: LagProbe, settings: Settings, members: int) -> bool:
-    """True once exactly ``members`` processors hold all the commands partitions between them."""
-    held = probe.assignments().get(settings.processor_group, {})
+def held_by(probe: LagProbe, settings: Settings, members: int, group: str | None = None) -> bool:
+    """True once exactly ``members`` workers of ``group`` (the processors' by default) hold all
+    its partitions between them."""
+    held = probe.assignments().get(group or settings.processor_group, {})
     return len(held) == settings.partitions and len(set(held.values())) == members
 
 
@@ -154,5 +156,54 @@ def test_a_processor_paused_past_its_session_saves_nothing_over_the_worker_that_
     finally:
         os.kill(pid, signal.SIGCONT)  # the stack's own processor-1, whatever failed above
         stack.worker("processor", 2).stop()
+        publisher.close()
+        probe.close()
+
+
+def test_scaling_down_under_load_hands_the_partitions_over_at_once_and_loses_nothing(
+    settings: Settings, stack: LocalStack, unique: Callable[[str], str]
+) -> None:
+    """`stockflow stack scale` to fewer workers stops the extra ones by SIGTERM: each finishes
+    its batch and leaves its group, so the rest hold every partition well before a session
+    timeout, which is what a killed worker's partitions wait for."""
+    probe = LagProbe(settings)
+    publisher = Publisher(settings)
+    own = {kind: stack.worker(kind, 1).pid() for kind in ("processor", "projection")}
+    groups = {"processor": settings.processor_group, "projection": settings.projection_group}
+    session_s = {
+        "processor": settings.processor_session_timeout_s,
+        "projection": settings.projection_session_timeout_s,
+    }
+    try:
+        for kind in groups:
+            stack.scale_workers(kind, 2)
+        wait_for(
+            "both groups to spread their partitions over two workers",
+            lambda: spread_over(probe, 2, settings.partitions),
+            90,
+        )
+        profile = LoadProfile(orders=10_000, rate=2_000, skus=200, sku_prefix=unique("SHRINK") + "-", seed=13)
+        sender, done = load_under_way(settings, publisher, profile, stock=100, decided=1_000)
+
+        handed_over: dict[str, float] = {}  # kind -> seconds from its worker's exit to one holder
+        for kind, group in groups.items():
+            stack.scale_workers(kind, 1)
+            stopped_at = time.monotonic()
+            assert set(stack.running_workers(kind)) == {1}, f"{kind}-2 still runs"
+            wait_for(f"one {kind} to hold every partition", partial(held_by, probe, settings, 1, group), 60)
+            handed_over[kind] = time.monotonic() - stopped_at
+        sender.join(300)
+        assert done and done[0].acknowledged == 10_000, done and done[0].errors
+        report = quiet_verify(settings, timeout_s=300)
+        took = ", ".join(f"{kind} {seconds:.1f}s" for kind, seconds in handed_over.items())
+        print(f"\nscaled to one of each under load; partitions handed over after: {took}; {report.summary()}")
+        assert report.problems == []
+        for kind, seconds in handed_over.items():
+            assert seconds < session_s[kind], f"{kind}: its partitions waited out the session timeout"
+        # The stack's own workers were left running, the same processes.
+        assert {kind: stack.worker(kind, 1).pid() for kind in groups} == own
+    finally:
+        for kind in groups:
+            stack.scale_workers(kind, 1)
         publisher.close()
         probe.close()
