@@ -9,6 +9,8 @@ the command the stack started (a recycled pid is never signalled).
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import os
 import re
 import shutil
@@ -24,7 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import redis
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # untyped exports
     ScramCredentialInfo,
     ScramMechanism,
@@ -427,6 +429,7 @@ class LocalStack:
                 lambda: broker_answers(self.settings),
                 timeout_s=30,
             )
+        self._wait("Kafka to hand out producer ids", self.kafka, _producer_id_probe(self.settings), 30)
         self.say(
             f"Kafka {self.settings.kafka_version} up on {self.settings.bootstrap_servers}"
             f" (logs: {self.kafka.log_file.parent})"
@@ -644,6 +647,48 @@ class LocalStack:
             pid = process.pid()
             rows.append(ProcessStatus(process.name, pid, pid is not None, str(process.log_file)))
         return rows
+
+
+# librdkafka's lines from the producer-id probe: retries that are expected while the broker
+# loads its ids, kept from the terminal.
+_PROBE_LOG = logging.getLogger("stockflow.stack.producer_id")
+_PROBE_LOG.addHandler(logging.NullHandler())
+_PROBE_LOG.propagate = False
+
+
+def _producer_id_probe(settings: Settings) -> Callable[[], bool]:
+    """A check that is true once an idempotent producer got its producer id from the broker.
+
+    A fresh broker takes its first block of producer ids from its controller when the first
+    producer asks, and answers that one "coordinator load in progress"; librdkafka then prints
+    "Failed to acquire idempotence PID ... retrying" to stderr, over a user's first `publish`
+    or the demo's first order, and holds its messages meanwhile. This producer takes that wait
+    during `stack up` instead: its log lines go to a logger that drops them, and librdkafka's
+    statistics say when it holds an id. It sends nothing, and is closed once it holds one.
+    """
+    held: dict[str, bool] = {}
+
+    def on_statistics(raw: str) -> None:
+        held["id"] = json.loads(raw).get("eos", {}).get("idemp_state") == "Assigned"
+
+    producer = Producer(
+        settings.kafka_config()
+        | {
+            "enable.idempotence": True,
+            "statistics.interval.ms": 100,
+            "stats_cb": on_statistics,
+            "logger": _PROBE_LOG,
+        }
+    )
+
+    def holds_id() -> bool:
+        producer.poll(0.1)
+        if held.get("id"):
+            producer.close()
+            return True
+        return False
+
+    return holds_id
 
 
 def _store_scram_credentials(plain: Settings, mechanism: str) -> None:

@@ -6,11 +6,17 @@ Kafka only warns about a setting it does not know, so a misspelt one would go un
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from confluent_kafka.admin import ConfigResource, ConfigSource, ResourceType  # type: ignore[attr-defined]
 
 from stockflow.settings import Settings
+from stockflow.stack import LocalStack, settings_env
 from stockflow.topics import admin_client, changelog_topic
+from tests.conftest import REPO, free_port
 
 TOPIC_CONFIG = ConfigSource.DYNAMIC_TOPIC_CONFIG.value  # a config set on the topic itself
 
@@ -43,3 +49,37 @@ def test_the_topics_carry_the_configs_stockflow_creates_them_with(settings: Sett
         for name, value in {**configs, "min.insync.replicas": "1"}.items():
             entry = found[name]
             assert (topic, name, entry.value, entry.source) == (topic, name, value, TOPIC_CONFIG)
+
+
+def test_a_first_publish_on_a_fresh_broker_prints_no_client_retries(
+    tmp_path: Path, docker_mode: bool
+) -> None:
+    """A fresh broker answers the first producer that asks for an id "coordinator load in
+    progress" while it gets its ids from its controller, and librdkafka printed a retry line
+    ("Failed to acquire idempotence PID") over the user's first publish. `stack up` returns
+    once the broker hands ids out (the test failed before it waited: one line each run)."""
+    if docker_mode:
+        pytest.skip("needs a broker of its own, which only the local stack starts")
+    fresh = Settings(
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+        redis_port=free_port(),
+        run_dir=tmp_path,
+        cache_dir=REPO / ".stockflow" / "cache",
+        partitions=1,
+    )
+    stack = LocalStack(fresh, say=lambda _m: None)
+    try:
+        stack.up()
+        result = subprocess.run(
+            [sys.executable, "-m", "stockflow", "publish", "restock", "SKU-1", "1"],
+            env=settings_env(fresh),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        stack.down()
+    assert result.returncode == 0, result.stderr
+    assert "rdkafka" not in result.stderr, result.stderr
