@@ -204,9 +204,12 @@ class StateTable(faust.Table[str, Any]):
                 batches.append(producer.create_batch())
         return batches
 
-    async def write(self, partition: int, changes: Sequence[tuple[str, Any]], batches: list[Any]) -> None:
-        """Set each key to its value (None deletes it) and send ``batches``, the changes as
-        ``encode`` gave them, to one changelog partition, in order."""
+    async def write(
+        self, partition: int, changes: Sequence[tuple[str, Any]], batches: list[Any]
+    ) -> list[asyncio.Future[Any]]:
+        """Set each key to its value (None deletes it) and hand ``batches``, the changes as
+        ``encode`` gave them, to the producer for one changelog partition, in order; the
+        futures of their delivery."""
         producer = cast(Any, self.app.producer)._ensure_producer()
         topic = self.changelog_topic.get_topic_name()
         store = cast(Any, self.data)
@@ -220,5 +223,4 @@ class StateTable(faust.Table[str, Any]):
             else:
                 data[key] = value
                 key_partition[key] = partition
-        for batch in batches:
-            await producer.send_batch(batch, topic, partition=partition)
+        return [await producer.send_batch(batch, topic, partition=partition) for batch in batches]

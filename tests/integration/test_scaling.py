@@ -17,7 +17,7 @@ from producers.publisher import Publisher
 from stockflow.lag import LagProbe
 from stockflow.settings import Settings
 from stockflow.stack import LocalStack
-from stockflow.verify import verify
+from stockflow.verify import Report, verify
 from tests.integration.test_faults import quiet_verify
 from tests.pipeline import wait_for
 
@@ -50,6 +50,16 @@ def load_under_way(
         f"{decided:,} decisions of this load", lambda: verify(settings).decisions > baseline + decided, 120
     )
     return sender, done
+
+
+def load_finished(
+    settings: Settings, sender: threading.Thread, done: list[LoadReport], orders: int
+) -> Report:
+    """Once the load thread of ``load_under_way`` ends with every order acknowledged: what
+    `verify` finds when nothing is behind."""
+    sender.join(300)
+    assert done and done[0].acknowledged == orders, done and done[0].errors
+    return quiet_verify(settings, timeout_s=300)
 
 
 def test_two_workers_of_each_kind_share_the_partitions_and_survive_losing_one(
@@ -86,9 +96,7 @@ def test_two_workers_of_each_kind_share_the_partitions_and_survive_losing_one(
                 ):
                     taken_over[group] = time.monotonic() - killed_at
             time.sleep(0.2)
-        sender.join(300)
-        assert done and done[0].acknowledged == 20_000, done and done[0].errors
-        report = quiet_verify(settings, timeout_s=300)
+        report = load_finished(settings, sender, done, profile.orders)
         took = ", ".join(f"{group} {seconds:.1f}s" for group, seconds in taken_over.items())
         print(f"one of each killed; survivors held every partition after: {took}; {report.summary()}")
         assert report.problems == []
@@ -192,9 +200,7 @@ def test_scaling_down_under_load_hands_the_partitions_over_at_once_and_loses_not
             assert set(stack.running_workers(kind)) == {1}, f"{kind}-2 still runs"
             wait_for(f"one {kind} to hold every partition", partial(held_by, probe, settings, 1, group), 60)
             handed_over[kind] = time.monotonic() - stopped_at
-        sender.join(300)
-        assert done and done[0].acknowledged == 10_000, done and done[0].errors
-        report = quiet_verify(settings, timeout_s=300)
+        report = load_finished(settings, sender, done, profile.orders)
         took = ", ".join(f"{kind} {seconds:.1f}s" for kind, seconds in handed_over.items())
         print(f"\nscaled to one of each under load; partitions handed over after: {took}; {report.summary()}")
         assert report.problems == []
