@@ -235,10 +235,10 @@ class CommandHandler:
             for partition, records in changes.items()
         ]
         # Handed to the producer, the records leave when the event loop next runs its sender
-        # task, and under load that came only after the next batch had been decided, tens of ms
-        # later: a pause then landed this save after a replacement's (the test of a processor
-        # paused past its session failed in 2 of 6 runs, a SKU's row 32 versions behind last in
-        # the changelog). Waiting for the broker to take them puts them on the wire now.
+        # task, which under load could be after the next batch had been decided: a pause then
+        # landed this save after a replacement's (the test of a processor paused past its
+        # session failed in 2 of 7 runs, a SKU's row 32 versions behind the log last in the
+        # changelog; 14 of 14 passed with the wait). Waiting for the broker puts them on the wire.
         await asyncio.gather(*(delivery for deliveries in sent for delivery in deliveries))
         return True
 
